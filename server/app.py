@@ -1,0 +1,74 @@
+"""The Quart app factory: wires settings, the model registry, services, routes and errors.
+
+Engines run in one anyio task group opened in `while_serving`, alive as long as the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+
+import anyio
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from inference.chat.engine import ChatEngine
+from inference.errors import InferenceError
+from server.errors import APIError, internal_error, to_api_error
+from server.registry import ModelRegistry
+from server.responses import json_response
+from server.routes import chat, health, models
+from server.serving_chat import ChatService
+from server.settings import Settings
+from server.state import AppState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engines: list[ChatEngine] | None = None) -> Quart:
+    """Build the app. With `engines`, serve those (already loaded) instead of `settings`'
+    model folders, which are otherwise loaded in the background after start-up."""
+    app = Quart("npugate")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    registry = (ModelRegistry.from_engines(engines) if engines is not None
+                else ModelRegistry.from_folders(list(settings.chat_models)))
+    app.extensions["npugate"] = AppState(settings=settings, registry=registry,
+                                         chat=ChatService(registry))
+    for bp in (chat.bp, models.bp, health.bp):
+        app.register_blueprint(bp)
+    _register_error_handlers(app)
+
+    @app.while_serving
+    async def run_engines() -> AsyncGenerator[None, None]:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: registry.serve_all(
+                tg, max_running=settings.max_running_per_model,
+                max_waiting=settings.max_waiting_per_model))
+            yield
+            tg.cancel_scope.cancel()
+
+    return app
+
+
+def _register_error_handlers(app: Quart) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(err: APIError) -> Response:
+        return json_response(err.body(), err.status, err.headers())
+
+    @app.errorhandler(InferenceError)
+    async def inference_error(err: InferenceError) -> Response:
+        return await api_error(to_api_error(err))
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException) -> Response:
+        status = err.code or 500
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "payload_too_large"}.get(status)
+        return await api_error(APIError(status, err.description or err.name, type=kind,
+                                        code=code))
+
+    @app.errorhandler(Exception)
+    async def unexpected(err: Exception) -> Response:
+        log.exception("unhandled error", exc_info=err)
+        return await api_error(internal_error())

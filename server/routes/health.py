@@ -1,0 +1,43 @@
+"""`GET /health`: overall status, each model's state and provider, uptime and memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from typing import Any
+
+from quart import Blueprint, Response
+
+from server.responses import json_response
+from server.state import app_state
+
+bp = Blueprint("health", __name__)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
+@bp.get("/health")
+async def health() -> Response:
+    state = app_state()
+    models: list[dict[str, Any]] = []
+    for entry in state.registry.entries.values():
+        info: dict[str, Any] = {"id": entry.id, "task": entry.task, "status": entry.status,
+                                "provider": entry.provider, "error": entry.error}
+        if entry.engine is not None:
+            info["requests_running"] = entry.engine.running
+            info["requests_waiting"] = entry.engine.waiting
+            info["stats"] = dataclasses.asdict(entry.engine.stats)
+        models.append(info)
+    status = state.registry.overall_status()
+    body = {"status": status, "uptime_s": round(time.monotonic() - state.started, 3),
+            "memory": {"rss_bytes": _rss_bytes(),
+                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+            "models": models}
+    return json_response(body, 200 if status in ("ready", "degraded") else 503)

@@ -1,0 +1,34 @@
+"""`GET /v1/models` and `GET /v1/models/<id>`: the models that are ready to serve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response
+
+from server.errors import model_not_found
+from server.registry import ModelEntry
+from server.responses import json_response
+from server.state import app_state
+
+bp = Blueprint("models", __name__)
+
+
+def _model_object(entry: ModelEntry) -> dict[str, Any]:
+    return {"id": entry.id, "object": "model", "created": entry.created, "owned_by": "npugate",
+            "task": entry.task, "provider": entry.provider}
+
+
+@bp.get("/v1/models")
+async def list_models() -> Response:
+    entries = app_state().registry.entries.values()
+    return json_response({"object": "list",
+                          "data": [_model_object(e) for e in entries if e.status == "ready"]})
+
+
+@bp.get("/v1/models/<path:model_id>")
+async def get_model(model_id: str) -> Response:
+    entry = app_state().registry.entries.get(model_id)
+    if entry is None or entry.status != "ready":
+        raise model_not_found(model_id)
+    return json_response(_model_object(entry))

@@ -1,0 +1,97 @@
+"""Chat completions service: turns a parsed request into engine calls and OpenAI objects.
+
+It knows the shape of `chat.completion` and `chat.completion.chunk` objects; it does not know
+about HTTP or SSE framing (see `routes/chat.py` and `sse.py`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference.chat.engine import ChatDelta, ChatEngine, GenerationStream
+from inference.chat.sampling import SamplingParams
+from server.protocol import ChatCompletionRequest
+from server.registry import ModelRegistry
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+@dataclass
+class ChunkWriter:
+    """Builds the `chat.completion.chunk` objects of one streamed response."""
+
+    model: str
+    include_usage: bool
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
+                                 "created": self.created, "model": self.model,
+                                 "system_fingerprint": None, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def role(self) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}])
+
+    def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]:
+        """The chunks for one engine delta: its text, then the finish chunk if it is last."""
+        out = []
+        if delta.text:
+            out.append(self._chunk([{"index": 0, "delta": {"content": delta.text},
+                                     "logprobs": None, "finish_reason": None}]))
+        if delta.finish_reason is not None:
+            out.append(self._chunk([{"index": 0, "delta": {}, "logprobs": None,
+                                     "finish_reason": delta.finish_reason}]))
+            if self.include_usage:
+                last = self._chunk([])
+                last["usage"] = _usage(delta.prompt_tokens, delta.completion_tokens)
+                out.append(last)
+        return out
+
+
+class ChatService:
+    """Serves `/v1/chat/completions` from the registry's engines."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def start(self, req: ChatCompletionRequest) -> tuple[ChatEngine, GenerationStream]:
+        """Validate and queue a request. Every error is raised here, before any response."""
+        req.check_supported()
+        engine = self._registry.chat_engine(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        params = SamplingParams(
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            max_tokens=req.completion_limit(), stop=req.stop_list())
+        stream = await engine.start(messages, params)
+        return engine, stream
+
+    async def complete(self, req: ChatCompletionRequest, stream: GenerationStream
+                       ) -> dict[str, Any]:
+        """Run a non-streamed request to the end and build its `chat.completion`."""
+        text: list[str] = []
+        last: ChatDelta | None = None
+        async with stream:
+            async for delta in stream:
+                text.append(delta.text)
+                last = delta
+        assert last is not None and last.finish_reason is not None
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": req.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "logprobs": None, "finish_reason": last.finish_reason}],
+            "usage": _usage(last.prompt_tokens, last.completion_tokens),
+        }

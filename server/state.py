@@ -1,0 +1,26 @@
+"""What the routes share: settings, the model registry and the services, held on the app."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from quart import current_app
+
+from server.registry import ModelRegistry
+from server.serving_chat import ChatService
+from server.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    registry: ModelRegistry
+    chat: ChatService
+    started: float = field(default_factory=time.monotonic)
+
+
+def app_state() -> AppState:
+    """The current app's state (inside a request)."""
+    state: AppState = current_app.extensions["npugate"]
+    return state
