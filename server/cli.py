@@ -100,3 +100,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(settings)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -117,7 +117,9 @@ def parse_model(model: type[M], data: dict[str, Any]) -> M:
 
 def _validation_error(exc: ValidationError) -> APIError:
     first = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "str", "list["))]
+    # pydantic puts union-member names ("str", "list[...]") into locations; drop them
+    loc = [str(p) for p in first.get("loc", ())
+           if not str(p).startswith(("function-", "str", "list["))]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "missing":

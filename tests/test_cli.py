@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def _npugate(*args: str, env_models: Path) -> subprocess.CompletedProcess[str]:
+    import os
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=120,
+                          env={**os.environ, "NPUGATE_MODELS_DIR": str(env_models),
+                               "CHAT_MODEL_PATH": "", "NPUGATE_CHAT_MODELS": ""})
+
+
+def test_serve_without_models_says_run_prepare(tmp_path: Path) -> None:
+    proc = _npugate("serve", env_models=tmp_path)
+    assert proc.returncode == 2
+    assert "npugate prepare" in proc.stderr
+
+
+def test_serve_with_missing_folder(tmp_path: Path) -> None:
+    proc = _npugate("serve", "--chat-model", str(tmp_path / "nope"), env_models=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_prepare_unknown_model(tmp_path: Path) -> None:
+    proc = _npugate("prepare", "gpt-5", env_models=tmp_path)
+    assert proc.returncode == 2 and "known: smollm2-135m-instruct" in proc.stderr
+
+
+def test_prepare_is_idempotent(smollm2_dir: Path) -> None:
+    proc = _npugate("prepare", env_models=smollm2_dir.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "already prepared" in proc.stdout

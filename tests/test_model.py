@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.chat.model import ChatModel
+from inference.errors import ModelLoadError
+
+
+def _prefill_vs_cached(model: ChatModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = model.encode_prompt([{"role": "user", "content": "Count to five: one, two,"}])
+    full = model.forward(model.new_cache(), ids)
+    cache = model.new_cache()
+    model.forward(cache, ids[:-3])
+    chunked = model.forward(cache, ids[-3:])  # several positions through the cache
+    cache = model.new_cache()
+    model.forward(cache, ids[:-3])
+    for token in ids[-3:]:
+        step = model.forward(cache, [token])  # one token at a time, as decoding does
+    assert cache.length == len(ids)
+    return full, chunked, step
+
+
+def test_kv_cache_is_exact_on_phi3_layout(phi3: ChatModel) -> None:
+    full, chunked, step = _prefill_vs_cached(phi3)
+    np.testing.assert_allclose(chunked, full, atol=1e-5)
+    np.testing.assert_allclose(step, full, atol=1e-5)
+
+
+def test_kv_cache_on_int4_smollm2(smollm2: ChatModel) -> None:
+    full, chunked, step = _prefill_vs_cached(smollm2)
+    np.testing.assert_allclose(chunked, full, atol=1e-5)
+    # MatMulNBits quantizes activations to int8 per row with a different kernel for a single
+    # row, so one-token steps differ slightly from multi-token runs (not a cache error).
+    assert np.corrcoef(step, full)[0, 1] > 0.999
+    assert int(np.argmax(step)) == int(np.argmax(full))
+
+
+def test_corrupt_onnx_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    (folder / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="onnxruntime could not load"):
+        ChatModel.load(folder)

@@ -1,0 +1,110 @@
+"""The official `openai` SDK against `npugate serve` on a real loopback socket."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import LiveServer
+
+SMOL = "smollm2-135m-instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(live_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live_server.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_streamed_text_equals_non_streamed_text(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=SMOL, messages=FRANCE, temperature=0,
+                                           max_tokens=40)  # type: ignore[arg-type]
+    text = whole.choices[0].message.content
+    assert text and "Paris" in text
+    pieces, finish, usage = [], None, None
+    stream = client.chat.completions.create(model=SMOL, messages=FRANCE, temperature=0,
+                                            max_tokens=40, stream=True,  # type: ignore[arg-type]
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == text
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and whole.usage is not None
+    assert usage.model_dump() == whole.usage.model_dump()
+    assert len(pieces) > 10  # it really streamed, token by token
+
+
+def test_usage_counts_are_real_token_counts(client: openai.OpenAI) -> None:
+    from tokenizers import Tokenizer
+
+    resp = client.chat.completions.create(model=SMOL, messages=FRANCE, temperature=0,
+                                          max_tokens=7)  # type: ignore[arg-type]
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None and resp.usage.completion_tokens == 7
+    # system prompt + user turn + generation prompt, as SmolLM2's template renders them
+    rendered = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                "Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    assert resp.usage.prompt_tokens == 37
+    tok_count = len(Tokenizer.from_str(_tokenizer_json()).encode(
+        rendered, add_special_tokens=False).ids)
+    assert resp.usage.prompt_tokens == tok_count
+
+
+def _tokenizer_json() -> str:
+    from inference.prepare import default_models_dir
+    return (default_models_dir() / SMOL / "tokenizer.json").read_text()
+
+
+def test_errors_surface_as_sdk_exceptions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=FRANCE)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=SMOL, messages=FRANCE,  # type: ignore[arg-type]
+                                       max_tokens=10**6)
+    assert err.value.code == "context_length_exceeded"
+
+
+def test_phi3_layout_served_alongside(client: openai.OpenAI) -> None:
+    ids = [m.id for m in client.models.list()]
+    assert ids == [SMOL, "phi3-tiny-random"]
+    resp = client.chat.completions.create(model="phi3-tiny-random", messages=FRANCE,
+                                          max_tokens=5, seed=1)  # type: ignore[arg-type]
+    assert resp.usage is not None and resp.usage.completion_tokens == 5
+
+
+def _smol_stats(server: LiveServer) -> dict[str, int]:
+    entry = next(m for m in server.health()["models"] if m["id"] == SMOL)
+    return {**entry["stats"], "running": entry["requests_running"]}
+
+
+def test_client_disconnect_stops_generation(live_server: LiveServer) -> None:
+    before = _smol_stats(live_server)
+    body = {"model": SMOL, "messages": [{"role": "user", "content": "Write a long story."}],
+            "max_tokens": 2000, "stream": True, "temperature": 0.8}
+    with httpx.stream("POST", live_server.base_url + "/v1/chat/completions", json=body,
+                      timeout=30) as resp:
+        lines = 0
+        for line in resp.iter_lines():
+            lines += line.startswith("data: ")
+            if lines >= 5:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = _smol_stats(live_server)
+        if after["cancelled_total"] > before["cancelled_total"] and after["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert after["cancelled_total"] == before["cancelled_total"] + 1
+    assert after["running"] == 0
+    steps = after["decode_steps_total"]
+    time.sleep(0.5)
+    assert _smol_stats(live_server)["decode_steps_total"] == steps  # nothing decodes on
+    assert steps - before["decode_steps_total"] < 100  # far from the 2000 asked for

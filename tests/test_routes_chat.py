@@ -1,0 +1,166 @@
+"""HTTP behaviour of the chat, models and health routes through Quart's test client,
+on the real Phi-3-layout fixture model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from quart import Quart
+
+from inference.chat.engine import ChatEngine
+from inference.chat.model import ChatModel
+from server.app import create_app
+from server.settings import Settings
+
+pytestmark = pytest.mark.anyio
+MODEL = "phi3-tiny-random"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+async def app(phi3: ChatModel) -> AsyncIterator[Quart]:
+    app = create_app(Settings(max_running_per_model=2, max_waiting_per_model=2),
+                     engines=[ChatEngine(phi3, max_running=2, max_waiting=2)])
+    async with app.test_app():
+        yield app
+
+
+def _events(body: bytes) -> list[Any]:
+    assert body.endswith(b"data: [DONE]\n\n")
+    frames = [f for f in body.split(b"\n\n") if f]
+    assert all(f.startswith(b"data: ") for f in frames)
+    return [orjson.loads(f[6:]) for f in frames[:-1]]
+
+
+async def test_stream_is_openai_shaped(app: Quart) -> None:
+    client = app.test_client()
+    resp = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 6, "temperature": 0,
+        "stream_options": {"include_usage": True}})
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    chunks = _events(await resp.get_data())
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"]
+               and c["model"] == MODEL and "usage" in c for c in chunks)
+    finish = chunks[-2]
+    assert finish["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                    "finish_reason": "length"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+async def test_stream_without_usage_has_no_usage_field(app: Quart) -> None:
+    resp = await app.test_client().post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 3})
+    chunks = _events(await resp.get_data())
+    assert all("usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_non_streamed_completion(app: Quart) -> None:
+    resp = await app.test_client().post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "max_completion_tokens": 5, "seed": 3})
+    body = await resp.get_json()
+    assert resp.status_code == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+
+@pytest.mark.parametrize(("payload", "status", "code"), [
+    ({"model": "nope", "messages": HELLO}, 404, "model_not_found"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400,
+     "context_length_exceeded"),
+    ({"model": MODEL, "messages": HELLO, "max_tokens": 10**6}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "messages": "hello"}, 400, None),
+    ({"model": MODEL}, 400, None),
+])
+async def test_errors_are_openai_shaped(app: Quart, payload: dict[str, Any], status: int,
+                                        code: str | None) -> None:
+    for stream in (False, True):
+        resp = await app.test_client().post("/v1/chat/completions",
+                                            json={**payload, "stream": stream})
+        body = await resp.get_json()
+        assert resp.status_code == status, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] == code
+
+
+async def test_malformed_json_and_wrong_method(app: Quart) -> None:
+    client = app.test_client()
+    resp = await client.post("/v1/chat/completions", data=b"{nope",
+                             headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400
+    assert "not valid JSON" in (await resp.get_json())["error"]["message"]
+    resp = await client.get("/v1/chat/completions")
+    assert resp.status_code == 405
+    assert (await resp.get_json())["error"]["code"] == "method_not_allowed"
+    resp = await client.get("/nowhere")
+    assert resp.status_code == 404 and "error" in await resp.get_json()
+
+
+async def test_payload_too_large(phi3: ChatModel) -> None:
+    app = create_app(Settings(max_body_bytes=1000), engines=[ChatEngine(phi3)])
+    async with app.test_app():
+        resp = await app.test_client().post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]})
+        assert resp.status_code == 413
+        assert (await resp.get_json())["error"]["code"] == "payload_too_large"
+
+
+async def test_error_after_stream_started_is_an_event(app: Quart,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    engine: ChatEngine = app.extensions["npugate"].registry.entries[MODEL].engine
+    calls = {"n": 0}
+    real = engine.model.forward
+
+    def flaky(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("device lost")
+        return real(*args)
+
+    monkeypatch.setattr(engine.model, "forward", flaky)
+    resp = await app.test_client().post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 10})
+    assert resp.status_code == 200
+    chunks = _events(await resp.get_data())
+    assert chunks[-1]["error"]["type"] == "service_unavailable"
+    assert "device lost" in chunks[-1]["error"]["message"]
+
+
+async def test_models_and_health(app: Quart) -> None:
+    client = app.test_client()
+    models = await (await client.get("/v1/models")).get_json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert models["data"][0]["provider"] == "CPUExecutionProvider"
+    assert (await client.get(f"/v1/models/{MODEL}")).status_code == 200
+    assert (await client.get("/v1/models/none")).status_code == 404
+    health = await (await client.get("/health")).get_json()
+    assert health["status"] == "ready" and health["memory"]["rss_bytes"] > 0
+    assert health["models"][0]["provider"] == "CPUExecutionProvider"
+
+
+async def test_loading_then_failed_model_is_reported(tmp_path: Any) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    app = create_app(Settings(chat_models=(broken,)))
+    async with app.test_app():
+        client = app.test_client()
+        for _ in range(100):
+            health = await client.get("/health")
+            if (await health.get_json())["status"] != "loading":
+                break
+            await anyio.sleep(0.05)
+        body = await health.get_json()
+        assert health.status_code == 503 and body["status"] == "failed"
+        assert "genai_config.json" in body["models"][0]["error"]
+        resp = await client.post("/v1/chat/completions",
+                                 json={"model": "broken", "messages": HELLO})
+        assert resp.status_code == 503

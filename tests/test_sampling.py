@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import numpy as np
+
+from inference.chat.sampling import Sampler, SamplingParams
+
+
+def _logits(seed: int = 0, n: int = 1000) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=n).astype(np.float32)
+
+
+def test_temperature_zero_is_argmax() -> None:
+    logits = _logits()
+    assert Sampler(SamplingParams(temperature=0), 1000).sample(logits) == int(np.argmax(logits))
+
+
+def test_same_seed_same_tokens_and_different_seed_differs() -> None:
+    logits = _logits()
+
+    def draw(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.5, seed=seed), 1000)
+        return [sampler.sample(logits) for _ in range(50)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
+    logits = _logits(3)
+    best = int(np.argmax(logits))
+    assert {Sampler(SamplingParams(top_k=1, seed=s), 1000).sample(logits) for s in range(20)} \
+        == {best}
+    assert {Sampler(SamplingParams(top_p=1e-6, seed=s), 1000).sample(logits) for s in range(20)} \
+        == {best}
+
+
+def test_top_k_restricts_to_k_best() -> None:
+    logits = _logits(4)
+    top5 = set(np.argsort(logits)[-5:].tolist())
+    sampler = Sampler(SamplingParams(temperature=2.0, top_k=5, seed=1), 1000)
+    assert {sampler.sample(logits) for _ in range(200)} <= top5
+
+
+def test_penalties_discourage_repeats() -> None:
+    logits = np.zeros(10, dtype=np.float32)
+    logits[3] = 1.0
+    plain = Sampler(SamplingParams(temperature=0), 10)
+    assert [plain.sample(logits) for _ in range(3)] == [3, 3, 3]
+    penalised = Sampler(SamplingParams(temperature=0, presence_penalty=2.0), 10)
+    assert [penalised.sample(logits) for _ in range(2)] == [3, 0]
+    freq = Sampler(SamplingParams(temperature=0, frequency_penalty=0.6), 10)
+    assert [freq.sample(logits) for _ in range(3)] == [3, 3, 0]

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from inference.chat.spec import ChatModelSpec
+from inference.errors import ModelLoadError
+
+
+def test_shapes_and_ids_come_from_the_folder(smollm2_dir: Path, phi3_dir: Path) -> None:
+    smol = ChatModelSpec.from_folder(smollm2_dir)
+    assert (smol.num_layers, smol.num_kv_heads, smol.head_size) == (30, 3, 64)
+    assert smol.context_length == 8192 and smol.eos_token_ids == {2}
+    phi = ChatModelSpec.from_folder(phi3_dir)
+    assert (phi.num_layers, phi.num_kv_heads, phi.head_size) == (2, 4, 16)
+    assert phi.context_length == 4096 and phi.eos_token_ids == {32000, 32001, 32007}
+    assert "<|assistant|>" in phi.chat_template
+
+
+def test_inline_template_in_tokenizer_config(phi3_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert ChatModelSpec.from_folder(folder).chat_template == template
+
+
+@pytest.mark.parametrize("missing", ["genai_config.json", "tokenizer.json", "model.onnx",
+                                     "chat_template.jinja"])
+def test_missing_files_are_named(phi3_dir: Path, tmp_path: Path, missing: str) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    (folder / missing).unlink()
+    with pytest.raises(ModelLoadError, match=missing.split(".")[0]):
+        ChatModelSpec.from_folder(folder)
+
+
+def test_corrupt_config_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    (folder / "genai_config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="genai_config.json"):
+        ChatModelSpec.from_folder(folder)
