@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config
@@ -15,8 +16,10 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.loglevel = settings.log_level.upper()
-    config.accesslog = "-"
-    config.errorlog = "-"
+    # Route Hypercorn's logs through the root logger `serve` configured, so each line is
+    # written once, in one format.
+    config.accesslog = logging.getLogger("hypercorn.access")
+    config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 
