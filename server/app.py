@@ -13,37 +13,42 @@ from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
 from inference.chat.engine import ChatEngine
+from inference.embed.batcher import EmbeddingBatcher
 from inference.errors import InferenceError
 from server.errors import APIError, internal_error, to_api_error
 from server.registry import ModelRegistry
 from server.responses import json_response
-from server.routes import chat, health, models
+from server.routes import chat, embeddings, health, models
 from server.serving_chat import ChatService
+from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
 from server.state import AppState
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engines: list[ChatEngine] | None = None) -> Quart:
-    """Build the app. With `engines`, serve those (already loaded) instead of `settings`'
-    model folders, which are otherwise loaded in the background after start-up."""
+def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
+               batchers: list[EmbeddingBatcher] | None = None) -> Quart:
+    """Build the app. With `engines`/`batchers`, serve those (already loaded) instead of
+    `settings`' model folders, which are otherwise loaded in the background after start-up."""
     app = Quart("npugate")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    registry = (ModelRegistry.from_engines(engines) if engines is not None
-                else ModelRegistry.from_folders(list(settings.chat_models)))
-    app.extensions["npugate"] = AppState(settings=settings, registry=registry,
-                                         chat=ChatService(registry))
-    for bp in (chat.bp, models.bp, health.bp):
+    if engines is not None or batchers is not None:
+        registry = ModelRegistry.from_engines(engines or [], batchers or [])
+    else:
+        registry = ModelRegistry.from_folders(list(settings.chat_models),
+                                              list(settings.embedding_models))
+    app.extensions["npugate"] = AppState(
+        settings=settings, registry=registry, chat=ChatService(registry),
+        embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs))
+    for bp in (chat.bp, embeddings.bp, models.bp, health.bp):
         app.register_blueprint(bp)
     _register_error_handlers(app)
 
     @app.while_serving
     async def run_engines() -> AsyncGenerator[None, None]:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: registry.serve_all(
-                tg, max_running=settings.max_running_per_model,
-                max_waiting=settings.max_waiting_per_model))
+            tg.start_soon(registry.serve_all, tg, settings.limits())
             yield
             tg.cancel_scope.cancel()
 

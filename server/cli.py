@@ -15,6 +15,18 @@ from inference.prepare import default_models_dir
 from server.settings import Settings
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def _buckets(text: str) -> tuple[tuple[int, int], ...]:
+    """Parse "1x32,4x64" into ((1, 32), (4, 64))."""
+    try:
+        pairs = [tuple(int(n) for n in part.lower().split("x")) for part in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad bucket list {text!r}: use BxS,BxS") from exc
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"bad bucket list {text!r}: use BxS,BxS")
+    return tuple((p[0], p[1]) for p in pairs)
 
 
 def _env_paths(*names: str) -> list[Path]:
@@ -40,6 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-model", action="append", type=Path, default=None,
                        metavar="DIR", help="chat model folder, repeatable (NPUGATE_CHAT_MODELS, "
                        f"CHAT_MODEL_PATH; default: the prepared {DEFAULT_CHAT_MODEL})")
+    serve.add_argument("--embedding-model", action="append", type=Path, default=None,
+                       metavar="DIR", help="embedding model folder, repeatable "
+                       "(NPUGATE_EMBEDDING_MODELS, EMBEDDING_MODEL_PATH; default: the prepared "
+                       f"{DEFAULT_EMBEDDING_MODEL})")
+    serve.add_argument("--embedding-device", choices=["auto", "cpu", "qnn"],
+                       default=os.environ.get("NPUGATE_EMBEDDING_DEVICE", "auto"),
+                       help="auto: QNN on a real NPU, else CUDA, else CPU; qnn: QNN even on "
+                       "the x86 simulator (NPUGATE_EMBEDDING_DEVICE, default auto)")
+    serve.add_argument("--embedding-max-batch", type=int,
+                       default=int(os.environ.get("NPUGATE_EMBEDDING_MAX_BATCH", "32")),
+                       help="inputs per model run; 1 turns batching off "
+                       "(NPUGATE_EMBEDDING_MAX_BATCH, default 32)")
+    serve.add_argument("--embedding-batch-tokens", type=int,
+                       default=int(os.environ.get("NPUGATE_EMBEDDING_BATCH_TOKENS", "16384")),
+                       help="padded tokens per model run (NPUGATE_EMBEDDING_BATCH_TOKENS, "
+                       "default 16384)")
+    serve.add_argument("--qnn-buckets", type=_buckets,
+                       default=_buckets(os.environ.get("NPUGATE_QNN_BUCKETS",
+                                                       "1x32,1x128,4x64,8x128")),
+                       help="static QNN shapes, batch x sequence (NPUGATE_QNN_BUCKETS, "
+                       "default 1x32,1x128,4x64,8x128)")
+    serve.add_argument("--qnn-max-batch", type=int,
+                       default=int(os.environ.get("NPUGATE_QNN_MAX_BATCH", "8")),
+                       help="batches up to this size go to QNN, larger ones to the CPU "
+                       "(NPUGATE_QNN_MAX_BATCH, default 8)")
     serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
 
@@ -82,20 +119,29 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chat_models = args.chat_model or _env_paths("NPUGATE_CHAT_MODELS", "CHAT_MODEL_PATH")
-    if not chat_models:
-        default = args.models_dir / DEFAULT_CHAT_MODEL
-        if not default.is_dir():
-            print(f"npugate: no chat model given and {default} does not exist.\n"
+    embedding_models = args.embedding_model or _env_paths("NPUGATE_EMBEDDING_MODELS",
+                                                          "EMBEDDING_MODEL_PATH")
+    if not chat_models and not embedding_models:  # the prepared defaults
+        chat_models = [args.models_dir / DEFAULT_CHAT_MODEL]
+        embedding_models = [args.models_dir / DEFAULT_EMBEDDING_MODEL]
+        absent = [p for p in (*chat_models, *embedding_models) if not p.is_dir()]
+        if absent:
+            print(f"npugate: no model given and {absent[0]} does not exist.\n"
                   "Run `npugate prepare` to build the default models, or pass "
-                  "--chat-model DIR.", file=sys.stderr)
+                  "--chat-model DIR / --embedding-model DIR.", file=sys.stderr)
             return 2
-        chat_models = [default]
-    missing = [p for p in chat_models if not p.is_dir()]
+    missing = [p for p in (*chat_models, *embedding_models) if not p.is_dir()]
     if missing:
-        print(f"npugate: chat model folder {missing[0]} does not exist", file=sys.stderr)
+        print(f"npugate: model folder {missing[0]} does not exist", file=sys.stderr)
         return 2
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
-                        chat_models=tuple(chat_models), models_dir=args.models_dir)
+                        chat_models=tuple(chat_models),
+                        embedding_models=tuple(embedding_models),
+                        embedding_device=args.embedding_device,
+                        embedding_max_batch=args.embedding_max_batch,
+                        embedding_batch_tokens=args.embedding_batch_tokens,
+                        qnn_buckets=args.qnn_buckets, qnn_max_batch=args.qnn_max_batch,
+                        models_dir=args.models_dir)
     from server.serve import serve
 
     serve(settings)

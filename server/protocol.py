@@ -6,7 +6,7 @@ Validation errors become one OpenAI-style 400 naming the offending parameter.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -125,3 +125,31 @@ def _validation_error(exc: ValidationError) -> APIError:
     if first.get("type") == "missing":
         msg = "is required"
     return bad_request(f"{param}: {msg}" if param else msg, param=param)
+
+
+class EmbeddingRequest(_Lenient):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def inputs(self, max_inputs: int) -> list[str] | list[list[int]]:
+        """The inputs as a list of texts or a list of token-id lists, checked."""
+        raw = self.input
+        items: list[str] | list[list[int]]
+        if isinstance(raw, str):
+            items = [raw]
+        elif raw and all(isinstance(x, int) for x in raw):
+            items = [cast(list[int], raw)]  # a single token-id list
+        else:
+            items = cast(list[str] | list[list[int]], raw)
+        if not items:
+            raise bad_request("input must not be empty", param="input")
+        if len(items) > max_inputs:
+            raise APIError(413, f"input has {len(items)} items; at most {max_inputs} are "
+                           "allowed per request", param="input", code="too_many_inputs")
+        for i, item in enumerate(items):
+            if not item or (isinstance(item, str) and not item.strip()):
+                raise bad_request(f"input {i} is empty", param="input")
+        return items

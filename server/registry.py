@@ -7,23 +7,42 @@ while the others serve.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
 
 from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
+from inference.embed.batcher import EmbeddingBatcher
+from inference.embed.model import EmbeddingModel
 from inference.errors import InferenceError
+from inference.providers import QnnOptions
 from server.errors import APIError, model_not_found
 
 log = logging.getLogger(__name__)
 Status = Literal["loading", "ready", "failed"]
+Task = Literal["chat", "embedding"]
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Per-model scheduling limits, from Settings."""
+
+    max_running: int = 8
+    max_waiting: int = 32
+    embedding_device: str = "auto"
+    embedding_max_batch: int = 32
+    embedding_batch_tokens: int = 16384
+    embedding_max_queued: int = 2048
+    qnn: QnnOptions = field(default_factory=QnnOptions)
+    qnn_cache_dir: Path | None = None
 
 
 @dataclass
@@ -31,16 +50,39 @@ class ModelEntry:
     """One configured model."""
 
     id: str
-    task: Literal["chat"]
+    task: Task
     path: Path | None
     status: Status = "loading"
     error: str | None = None
-    engine: ChatEngine | None = None
+    chat: ChatEngine | None = None
+    embedding: EmbeddingBatcher | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def provider(self) -> str | None:
-        return self.engine.model.provider if self.engine else None
+        if self.chat is not None:
+            return self.chat.model.provider
+        if self.embedding is not None:
+            return self.embedding.model.provider
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Status, provider and counters, for /health."""
+        info: dict[str, Any] = {"id": self.id, "task": self.task, "status": self.status,
+                                "provider": self.provider, "error": self.error}
+        if self.chat is not None:
+            info["requests_running"] = self.chat.running
+            info["requests_waiting"] = self.chat.waiting
+            info["stats"] = dataclasses.asdict(self.chat.stats)
+        if self.embedding is not None:
+            session = self.embedding.model.session
+            info["inputs_queued"] = self.embedding.queued
+            info["stats"] = dataclasses.asdict(self.embedding.stats)
+            info["runs_by_provider"] = dict(session.runs_by_provider)
+            info["qnn_device"] = session.qnn_kind
+            info["qnn_buckets"] = [f"{b}x{s}" for b, s in session.buckets]
+            info["fallback_reason"] = session.fallback_reason
+        return info
 
 
 def model_id_for(folder: Path) -> str:
@@ -58,62 +100,91 @@ class ModelRegistry:
     def __init__(self) -> None:
         self.entries: dict[str, ModelEntry] = {}
 
+    def _add(self, entry: ModelEntry) -> None:
+        if entry.id in self.entries:
+            entry.id = f"{entry.id}-{len(self.entries)}"
+        self.entries[entry.id] = entry
+
     @classmethod
-    def from_folders(cls, chat_folders: list[Path]) -> ModelRegistry:
+    def from_folders(cls, chat: list[Path], embedding: list[Path]) -> ModelRegistry:
         registry = cls()
-        for folder in chat_folders:
-            mid = model_id_for(folder)
-            if mid in registry.entries:
-                mid = f"{mid}-{len(registry.entries)}"
-            registry.entries[mid] = ModelEntry(id=mid, task="chat", path=folder)
+        for task, folders in (("chat", chat), ("embedding", embedding)):
+            for folder in folders:
+                registry._add(ModelEntry(id=model_id_for(folder), task=task,  # type: ignore[arg-type]
+                                         path=folder))
         return registry
 
     @classmethod
-    def from_engines(cls, engines: list[ChatEngine]) -> ModelRegistry:
-        """For tests and embedding: engines built by the caller, ready at once."""
+    def from_engines(cls, chat: list[ChatEngine], embedding: list[EmbeddingBatcher]
+                     ) -> ModelRegistry:
+        """For tests and embedding: engines built by the caller, ready once started."""
         registry = cls()
-        for engine in engines:
-            registry.entries[engine.model_id] = ModelEntry(
-                id=engine.model_id, task="chat", path=None, status="ready", engine=engine)
+        for engine in chat:
+            registry._add(ModelEntry(id=engine.model_id, task="chat", path=None, chat=engine))
+        for batcher in embedding:
+            registry._add(ModelEntry(id=batcher.model_id, task="embedding", path=None,
+                                     embedding=batcher))
         return registry
 
     def overall_status(self) -> str:
         statuses = {e.status for e in self.entries.values()}
         if "loading" in statuses:
             return "loading"
-        if statuses == {"ready"}:
+        if statuses <= {"ready"}:
             return "ready"
         return "degraded" if "ready" in statuses else "failed"
 
-    def chat_engine(self, model: str) -> ChatEngine:
-        """The engine for `model`; 404 if unknown, 503 if not (yet) serving."""
+    def _entry(self, model: str, task: Task) -> ModelEntry:
         entry = self.entries.get(model)
-        if entry is None or entry.task != "chat":
+        if entry is None or entry.task != task:
             raise model_not_found(model)
         if entry.status == "loading":
             raise APIError(503, f"model {model} is still loading", type="service_unavailable",
                            code="model_loading", retry_after_s=5)
-        if entry.engine is None:
+        if entry.status == "failed":
             raise APIError(503, f"model {model} failed to load: {entry.error}",
                            type="service_unavailable", code="model_failed")
-        return entry.engine
+        return entry
 
-    async def serve_all(self, tg: TaskGroup, *, max_running: int, max_waiting: int) -> None:
-        """Load every model not yet loaded (one at a time, off the event loop) and run its
-        engine in `tg`. Engines given ready-made are only started."""
+    def chat_engine(self, model: str) -> ChatEngine:
+        """The engine for `model`; 404 if unknown, 503 if not (yet) serving."""
+        engine = self._entry(model, "chat").chat
+        assert engine is not None
+        return engine
+
+    def embedding_batcher(self, model: str) -> EmbeddingBatcher:
+        """The batcher for `model`; 404 if unknown, 503 if not (yet) serving."""
+        batcher = self._entry(model, "embedding").embedding
+        assert batcher is not None
+        return batcher
+
+    async def serve_all(self, tg: TaskGroup, limits: EngineLimits) -> None:
+        """Load every model (one at a time, off the event loop) and run its engine in `tg`."""
         for entry in self.entries.values():
-            if entry.engine is not None:
-                await tg.start(entry.engine.run, name=f"engine:{entry.id}")
-                continue
-            assert entry.path is not None
             try:
-                model = await anyio.to_thread.run_sync(
-                    lambda e=entry: ChatModel.load(e.path, model_id=e.id))  # type: ignore[misc]
+                if entry.chat is None and entry.embedding is None:
+                    await anyio.to_thread.run_sync(self._load, entry, limits)
             except InferenceError as exc:
                 log.error("model %s failed to load: %s", entry.id, exc.message)
                 entry.status, entry.error = "failed", exc.message
                 continue
-            entry.engine = ChatEngine(model, max_running=max_running, max_waiting=max_waiting)
-            await tg.start(entry.engine.run, name=f"engine:{entry.id}")
+            runner = entry.chat.run if entry.chat is not None else entry.embedding.run  # type: ignore[union-attr]
+            await tg.start(runner, name=f"engine:{entry.id}")
             entry.status = "ready"
-            log.info("model %s ready on %s", entry.id, model.provider)
+            log.info("model %s (%s) ready on %s", entry.id, entry.task, entry.provider)
+
+    @staticmethod
+    def _load(entry: ModelEntry, limits: EngineLimits) -> None:
+        assert entry.path is not None
+        if entry.task == "chat":
+            model = ChatModel.load(entry.path, model_id=entry.id)
+            entry.chat = ChatEngine(model, max_running=limits.max_running,
+                                    max_waiting=limits.max_waiting)
+            return
+        cache = limits.qnn_cache_dir / entry.id if limits.qnn_cache_dir else None
+        emb = EmbeddingModel.load(entry.path, model_id=entry.id,
+                                  device=limits.embedding_device, cache_dir=cache,
+                                  qnn=limits.qnn)
+        entry.embedding = EmbeddingBatcher(emb, max_batch_size=limits.embedding_max_batch,
+                                           max_batch_tokens=limits.embedding_batch_tokens,
+                                           max_queued_inputs=limits.embedding_max_queued)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference.prepare import default_models_dir
+from inference.providers import DEFAULT_BUCKETS, QnnOptions
+from server.registry import EngineLimits
 
 
 @dataclass(frozen=True)
@@ -16,8 +18,25 @@ class Settings:
     port: int = 8000
     log_level: str = "info"
     chat_models: tuple[Path, ...] = ()
+    embedding_models: tuple[Path, ...] = ()
+    embedding_device: str = "auto"  # auto | cpu | qnn
+    embedding_max_batch: int = 32  # 1 turns batching off
+    embedding_batch_tokens: int = 16384
+    embedding_max_queued: int = 2048
+    embedding_max_inputs: int = 2048
+    qnn_buckets: tuple[tuple[int, int], ...] = DEFAULT_BUCKETS
+    qnn_max_batch: int = 8
     models_dir: Path = field(default_factory=default_models_dir)
     max_running_per_model: int = 8
     max_waiting_per_model: int = 32
     max_body_bytes: int = 4 * 1024 * 1024
     sse_ping_interval_s: float = 15.0
+
+    def limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_running=self.max_running_per_model, max_waiting=self.max_waiting_per_model,
+            embedding_device=self.embedding_device, embedding_max_batch=self.embedding_max_batch,
+            embedding_batch_tokens=self.embedding_batch_tokens,
+            embedding_max_queued=self.embedding_max_queued,
+            qnn=QnnOptions(buckets=self.qnn_buckets, max_npu_batch=self.qnn_max_batch),
+            qnn_cache_dir=self.models_dir / ".qnn-cache")

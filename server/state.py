@@ -9,6 +9,7 @@ from quart import current_app
 
 from server.registry import ModelRegistry
 from server.serving_chat import ChatService
+from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
 
 
@@ -17,6 +18,7 @@ class AppState:
     settings: Settings
     registry: ModelRegistry
     chat: ChatService
+    embeddings: EmbeddingService
     started: float = field(default_factory=time.monotonic)
 
 

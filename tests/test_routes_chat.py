@@ -116,7 +116,7 @@ async def test_payload_too_large(phi3: ChatModel) -> None:
 
 async def test_error_after_stream_started_is_an_event(app: Quart,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    engine: ChatEngine = app.extensions["npugate"].registry.entries[MODEL].engine
+    engine: ChatEngine = app.extensions["npugate"].registry.entries[MODEL].chat
     calls = {"n": 0}
     real = engine.model.forward
 

@@ -56,12 +56,108 @@ def phi3_random(base_tokenizer: Path, out: Path) -> None:
     Phi3ForCausalLM(config).save_pretrained(out)
 
 
+EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def export_bert(src: Path, out: Path, min_cosine: float) -> None:
+    """Export a transformers BERT encoder to ONNX (token embeddings, dynamic batch and
+    sequence) and check it against transformers' own pooled output."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel
+
+    warnings.filterwarnings("ignore")
+    model = AutoModel.from_pretrained(src, attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+            # An explicit additive mask and explicit position ids keep the graph free of the
+            # mask-building and broadcast-Add patterns that QNN's HTP simulator miscomputes
+            # for batch > 1.
+            additive = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -1e4
+            return self.inner(input_ids=input_ids, attention_mask=additive,  # type: ignore[no-any-return]
+                              token_type_ids=token_type_ids,
+                              position_ids=position_ids).last_hidden_state
+
+    encoder = Encoder(model).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 7592, 2045, 2003, 1037, 102]])
+    mask = (ids != 0).long()
+    args = (ids, mask, torch.zeros_like(ids), torch.arange(6)[None].expand(2, 6).contiguous())
+    out.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(encoder, args, str(out / "model.onnx"), input_names=list(EXPORT_INPUTS),
+                      output_names=["token_embeddings"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch_size", 1: "sequence_length"}
+                                    for n in (*EXPORT_INPUTS, "token_embeddings")})
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    check_ids = rng.integers(1000, 5000, size=(3, 17))
+    check_ids[:, 0], check_ids[:, -1] = 101, 102
+    check_mask = np.ones_like(check_ids)
+    check_mask[1, 9:] = 0
+    feeds = {"input_ids": check_ids, "attention_mask": check_mask,
+             "token_type_ids": np.zeros_like(check_ids),
+             "position_ids": np.broadcast_to(np.arange(17), check_ids.shape).copy()}
+    got = session.run(None, feeds)[0]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(check_ids), attention_mask=torch.tensor(check_mask),
+                     token_type_ids=torch.zeros_like(torch.tensor(check_ids))
+                     ).last_hidden_state.numpy()
+    m = check_mask[:, :, None]
+    a, b = (got * m).sum(1) / m.sum(1), (want * m).sum(1) / m.sum(1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    print(f"export check: cosine against transformers min {cos.min():.6f}")
+    if cos.min() < min_cosine:
+        raise SystemExit(f"exported model disagrees with transformers: cosine {cos.min():.6f} "
+                         f"< {min_cosine}")
+
+
+def bert_random(tokenizer_dir: Path, out: Path) -> None:
+    """A tiny random BERT (seed 0) with a real WordPiece tokenizer, declaring CLS pooling."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json"):
+        shutil.copyfile(tokenizer_dir / name, out / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128)
+    BertModel(config).save_pretrained(out)
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": True,
+        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False}, indent=2))
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"}], indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+
+
 def main(argv: list[str]) -> None:
     step, *args = argv
     if step == "gguf-to-hf":
         gguf_to_hf(Path(args[0]), Path(args[1]))
     elif step == "phi3-random":
         phi3_random(Path(args[0]), Path(args[1]))
+    elif step == "bert-export":
+        export_bert(Path(args[0]), Path(args[1]), float(args[2]))
+    elif step == "bert-random":
+        bert_random(Path(args[0]), Path(args[1]))
     else:
         raise SystemExit(f"unknown step {step!r}")
 

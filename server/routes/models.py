@@ -15,8 +15,12 @@ bp = Blueprint("models", __name__)
 
 
 def _model_object(entry: ModelEntry) -> dict[str, Any]:
-    return {"id": entry.id, "object": "model", "created": entry.created, "owned_by": "npugate",
-            "task": entry.task, "provider": entry.provider}
+    obj: dict[str, Any]
+    obj = {"id": entry.id, "object": "model", "created": entry.created, "owned_by": "npugate",
+           "task": entry.task, "provider": entry.provider}
+    if entry.embedding is not None:
+        obj["qnn_device"] = entry.embedding.model.session.qnn_kind
+    return obj
 
 
 @bp.get("/v1/models")

@@ -1,0 +1,201 @@
+"""The embedding micro-batcher: merges inputs of concurrent requests into device batches.
+
+The batching rule, in one place:
+- Inputs queue in arrival order in a bounded buffer; a request that would overflow it is
+  refused whole (`Overloaded`).
+- When the device is free, the batcher looks at the oldest `window` inputs, sorts them by
+  length, and cuts the batch that contains the oldest input, growing it with its neighbours in
+  length while padded tokens (longest x count) stay within `max_batch_tokens` and the count
+  within `max_batch_size`. The oldest input always runs next, so nothing starves, and padding
+  stays low. No timer: inputs that arrive while a batch runs gather for the next one.
+- Inputs of a request whose caller has gone are dropped before they cost compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskStatus
+
+from inference.embed.model import EmbeddingModel, Vector
+from inference.errors import BackendUnavailable, InferenceError, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatcherStats:
+    """Monotonic counters, for /health and metrics."""
+
+    requests_total: int = 0
+    inputs_total: int = 0
+    tokens_total: int = 0
+    model_runs_total: int = 0
+    padded_tokens_total: int = 0
+    cancelled_inputs_total: int = 0
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+
+
+class _Job:
+    """One request's inputs and results."""
+
+    def __init__(self, count: int) -> None:
+        self.results: list[Vector | None] = [None] * count
+        self.remaining = count
+        self.cancelled = False
+        self.error: InferenceError | None = None
+        self.done = anyio.Event()
+
+    def put(self, index: int, vector: Vector) -> None:
+        self.results[index] = vector
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
+
+    def fail(self, error: InferenceError) -> None:
+        if self.error is None:
+            self.error = error
+        self.done.set()
+
+
+@dataclass(order=True)
+class _Item:
+    length: int
+    seq: int
+    job: _Job = field(compare=False)
+    index: int = field(compare=False)
+    ids: Sequence[int] = field(compare=False)
+
+
+class EmbeddingBatcher:
+    """Serves `embed()` calls from one `EmbeddingModel`. Call `run()` in a task group first."""
+
+    def __init__(self, model: EmbeddingModel, *, max_batch_size: int = 32,
+                 max_batch_tokens: int = 16384, max_queued_inputs: int = 2048,
+                 window: int | None = None) -> None:
+        self.model = model
+        self.model_id = model.spec.model_id
+        self.stats = BatcherStats()
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_batch_tokens = max(max_batch_tokens, model.spec.max_length)
+        self._max_queued = max_queued_inputs
+        self._window = window or 8 * self.max_batch_size
+        self._queue: deque[_Item] = deque()
+        self._seq = 0
+        self._wakeup = anyio.Event()
+        self._running = False
+        self._device = anyio.CapacityLimiter(1)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[Vector]:
+        """Embed token-id lists (already wrapped and length-checked); results in input order.
+
+        Raises `Overloaded` if the queue cannot take every input. Cancelling the caller drops
+        its inputs that have not run yet."""
+        if not self._running:
+            raise BackendUnavailable(f"model {self.model_id} is not running")
+        if len(self._queue) + len(inputs) > self._max_queued:
+            raise Overloaded(f"model {self.model_id} has {len(self._queue)} inputs queued; "
+                             "retry later", retry_after_s=1.0)
+        job = _Job(len(inputs))
+        for index, ids in enumerate(inputs):
+            self._seq += 1
+            self._queue.append(_Item(len(ids), self._seq, job, index, ids))
+        self.stats.requests_total += 1
+        self.stats.inputs_total += len(inputs)
+        self.stats.tokens_total += sum(len(ids) for ids in inputs)
+        self._wakeup.set()
+        try:
+            await job.done.wait()
+        except BaseException:
+            job.cancelled = True
+            raise
+        if job.error is not None:
+            raise job.error
+        return [v for v in job.results if v is not None]
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The batching loop. Runs until cancelled; then fails whatever is still queued."""
+        self._running = True
+        task_status.started()
+        try:
+            while True:
+                batch = self._next_batch()
+                if not batch:
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+                    continue
+                await self._run_batch(batch)
+        finally:
+            self._running = False
+            for item in self._queue:
+                item.job.fail(BackendUnavailable("the server is shutting down"))
+            self._queue.clear()
+
+    def _next_batch(self) -> list[_Item]:
+        while self._queue and self._queue[0].job.cancelled:
+            self._drop(self._queue.popleft())
+        if not self._queue:
+            return []
+        window = sorted(self._queue[i] for i in range(min(self._window, len(self._queue))))
+        oldest = self._queue[0]
+        lo = hi = window.index(oldest)
+        longest = oldest.length
+        while hi - lo + 1 < self.max_batch_size:
+            left = window[lo - 1] if lo > 0 else None
+            right = window[hi + 1] if hi + 1 < len(window) else None
+            # grow towards the neighbour closest in length; ties go to the shorter one
+            options = sorted((c for c in (left, right) if c is not None),
+                             key=lambda c: abs(c.length - oldest.length))
+            grown = False
+            for cand in options:
+                if max(longest, cand.length) * (hi - lo + 2) <= self.max_batch_tokens:
+                    longest = max(longest, cand.length)
+                    if cand is left:
+                        lo -= 1
+                    else:
+                        hi += 1
+                    grown = True
+                    break
+            if not grown:
+                break
+        batch = window[lo : hi + 1]
+        chosen = {id(item) for item in batch}
+        self._queue = deque(item for item in self._queue if id(item) not in chosen)
+        return batch
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        live = [item for item in batch if not item.job.cancelled]
+        for item in batch:
+            if item.job.cancelled:
+                self._drop(item)
+        if not live:
+            return
+        try:
+            vectors = await anyio.to_thread.run_sync(self.model.embed_batch,
+                                                     [item.ids for item in live],
+                                                     limiter=self._device)
+        except Exception as exc:
+            log.exception("embedding batch failed on %s", self.model_id)
+            for item in live:
+                item.job.fail(BackendUnavailable(f"inference failed: {exc}"))
+            return
+        self.stats.model_runs_total += 1
+        self.stats.last_batch_size = len(live)
+        width = max(item.length for item in live)
+        self.stats.last_batch_tokens = width * len(live)
+        self.stats.padded_tokens_total += width * len(live)
+        for item, vector in zip(live, vectors, strict=True):
+            item.job.put(item.index, vector)
+
+    def _drop(self, item: _Item) -> None:
+        self.stats.cancelled_inputs_total += 1
+

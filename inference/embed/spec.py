@@ -1,0 +1,95 @@
+"""Reads an embedding model folder (sentence-transformers layout + an ONNX file).
+
+Pooling (mean, CLS, max), normalisation, maximum length and dimension come from the folder:
+1_Pooling/config.json, modules.json, sentence_bert_config.json, config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from inference.errors import ModelLoadError
+
+Pooling = Literal["mean", "cls", "max"]
+
+
+@dataclass(frozen=True)
+class EmbeddingModelSpec:
+    """What the embedding engine needs to know about one model folder."""
+
+    model_id: str
+    folder: Path
+    onnx_file: Path
+    tokenizer_file: Path
+    pooling: Pooling
+    normalize: bool
+    max_length: int
+    dimension: int
+    matryoshka: bool
+
+    @classmethod
+    def from_folder(cls, folder: Path, model_id: str | None = None) -> EmbeddingModelSpec:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ModelLoadError(f"embedding model folder {folder} does not exist")
+        onnx_file = next((p for p in (folder / "model.onnx", folder / "onnx" / "model.onnx")
+                          if p.is_file()), None)
+        if onnx_file is None:
+            raise ModelLoadError(f"{folder} has no model.onnx (or onnx/model.onnx)")
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ModelLoadError(f"{tokenizer_file} is missing")
+        config = _json(folder / "config.json")
+        pooling_cfg = _json(folder / "1_Pooling" / "config.json")
+        modules = _json_list(folder / "modules.json")
+        st_cfg = _json(folder / "sentence_bert_config.json")
+        tok_cfg = _json(folder / "tokenizer_config.json")
+        dimension = int(pooling_cfg.get("word_embedding_dimension")
+                        or config.get("hidden_size") or 0)
+        if not dimension:
+            raise ModelLoadError(f"{folder} declares no embedding dimension "
+                                 "(1_Pooling/config.json or config.json hidden_size)")
+        limits = [int(v) for v in (st_cfg.get("max_seq_length"),
+                                   config.get("max_position_embeddings"),
+                                   tok_cfg.get("model_max_length"))
+                  if isinstance(v, int | float) and 0 < v < 1_000_000]
+        return cls(
+            model_id=model_id or folder.name, folder=folder, onnx_file=onnx_file,
+            tokenizer_file=tokenizer_file, pooling=_pooling(pooling_cfg),
+            normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
+            max_length=min(limits) if limits else 512, dimension=dimension,
+            matryoshka=bool(_json(folder / "npugate.json").get("matryoshka", False)),
+        )
+
+
+def _pooling(cfg: dict[str, Any]) -> Pooling:
+    if not cfg or cfg.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_max_tokens"):
+        return "max"
+    raise ModelLoadError(f"unsupported pooling mode in 1_Pooling/config.json: {cfg}")
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _json_list(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
+    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []

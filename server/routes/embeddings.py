@@ -1,0 +1,19 @@
+"""`POST /v1/embeddings`."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, request
+
+from server.protocol import EmbeddingRequest, parse_json_body, parse_model
+from server.responses import json_response
+from server.state import app_state
+
+bp = Blueprint("embeddings", __name__)
+
+
+@bp.post("/v1/embeddings")
+async def embeddings() -> Response:
+    raw = await request.get_data(as_text=False)
+    assert isinstance(raw, bytes)
+    req = parse_model(EmbeddingRequest, parse_json_body(raw))
+    return json_response(await app_state().embeddings.embed(req))
