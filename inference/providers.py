@@ -120,6 +120,7 @@ class EncoderSession:
         self.fallback_reason: str | None = None
         self.qnn_kind: str | None = None
         self.buckets: tuple[tuple[int, int], ...] = ()
+        self.placement: dict[str, dict[str, int]] = {}
         self.runs_by_provider: dict[str, int] = {}
         self._inputs = {i.name for i in self._session.get_inputs()}
         self._output = self._session.get_outputs()[0].name
@@ -149,6 +150,8 @@ class QnnEncoderSession(EncoderSession):
         super().__init__(cpu)
         self._buckets = dict(sorted(buckets.items()))
         self.buckets = tuple(self._buckets)
+        self.placement = {f"{b}x{s}": graph_placement(sess)
+                          for (b, s), sess in self._buckets.items()}
         self.provider = QNN
         self.qnn_kind = qnn.kind
         self._max_npu_batch = max_npu_batch
@@ -248,6 +251,7 @@ def _qnn_bucket_session(path: Path, bucket: tuple[int, int], qnn: QnnDevice, cac
             options.setdefault("soc_model", "60")  # the simulator needs a target SoC
         so.add_provider_for_devices(list(qnn.devices), options)
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         if source == path:
             so.add_session_config_entry("ep.context_enable", "1")
             so.add_session_config_entry("ep.context_file_path", str(ctx))
@@ -260,10 +264,19 @@ def _qnn_bucket_session(path: Path, bucket: tuple[int, int], qnn: QnnDevice, cac
                 continue
             raise
         session.disable_fallback()
-        if QNN not in session.get_providers():
-            raise RuntimeError("the session did not place the graph on QNN")
+        placement = graph_placement(session)
+        if set(placement) != {QNN}:  # verify, since backend failures only show in the log
+            raise RuntimeError(f"the graph is not wholly on QNN: nodes per provider {placement}")
         return session
     raise RuntimeError("unreachable")
+
+
+def graph_placement(session: ort.InferenceSession) -> dict[str, int]:
+    """Nodes per execution provider (the session must record assignment info)."""
+    nodes: dict[str, int] = {}
+    for subgraph in session.get_provider_graph_assignment_info():
+        nodes[subgraph.ep_name] = nodes.get(subgraph.ep_name, 0) + len(subgraph.get_nodes())
+    return nodes
 
 
 def _check_parity(reference: EncoderSession, session: ort.InferenceSession,

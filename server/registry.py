@@ -80,7 +80,7 @@ class ModelEntry:
             info["stats"] = dataclasses.asdict(self.embedding.stats)
             info["runs_by_provider"] = dict(session.runs_by_provider)
             info["qnn_device"] = session.qnn_kind
-            info["qnn_buckets"] = [f"{b}x{s}" for b, s in session.buckets]
+            info["qnn_buckets"] = session.placement
             info["fallback_reason"] = session.fallback_reason
         return info
 

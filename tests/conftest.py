@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from inference.chat.model import ChatModel
+from inference.embed.model import EmbeddingModel
 from inference.prepare import default_models_dir
 from inference.prepare.recipes import RECIPES, build_model
 
@@ -46,6 +47,26 @@ def phi3_dir(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir(models_dir: Path) -> Path:
+    return _built(models_dir, "all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def bert_tiny_dir(models_dir: Path) -> Path:
+    return _built(models_dir, "bert-tiny-cls-random")
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_dir: Path) -> EmbeddingModel:
+    return EmbeddingModel.load(minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def bert_tiny(bert_tiny_dir: Path) -> EmbeddingModel:
+    return EmbeddingModel.load(bert_tiny_dir)
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_dir: Path) -> ChatModel:
     return ChatModel.load(smollm2_dir)
 
@@ -64,13 +85,16 @@ def free_port() -> int:
 class LiveServer:
     """`npugate serve` in its own process, as a user runs it."""
 
-    def __init__(self, *model_dirs: Path, log: Path) -> None:
+    def __init__(self, *, chat: list[Path], embedding: list[Path], log: Path,
+                 extra: list[str] | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "server", "--port", str(self.port), "--log-level",
-                "warning"]
-        for d in model_dirs:
+                "warning", *(extra or [])]
+        for d in chat:
             args += ["--chat-model", str(d)]
+        for d in embedding:
+            args += ["--embedding-model", str(d)]
         self._log = log.open("w")
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -101,9 +125,9 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def live_server(smollm2_dir: Path, phi3_dir: Path,
+def live_server(smollm2_dir: Path, phi3_dir: Path, minilm_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    server = LiveServer(smollm2_dir, phi3_dir,
+    server = LiveServer(chat=[smollm2_dir, phi3_dir], embedding=[minilm_dir],
                         log=tmp_path_factory.mktemp("server") / "server.log")
     yield server
     server.stop()

@@ -74,7 +74,7 @@ def test_errors_surface_as_sdk_exceptions(client: openai.OpenAI) -> None:
 
 def test_phi3_layout_served_alongside(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == [SMOL, "phi3-tiny-random"]
+    assert ids == [SMOL, "phi3-tiny-random", "all-minilm-l6-v2"]
     resp = client.chat.completions.create(model="phi3-tiny-random", messages=FRANCE,
                                           max_tokens=5, seed=1)  # type: ignore[arg-type]
     assert resp.usage is not None and resp.usage.completion_tokens == 5
@@ -108,3 +108,47 @@ def test_client_disconnect_stops_generation(live_server: LiveServer) -> None:
     time.sleep(0.5)
     assert _smol_stats(live_server)["decode_steps_total"] == steps  # nothing decodes on
     assert steps - before["decode_steps_total"] < 100  # far from the 2000 asked for
+
+
+MINILM = "all-minilm-l6-v2"
+
+
+def test_sdk_embeddings_default_base64_and_float(client: openai.OpenAI) -> None:
+    texts = ["The cat sits on the mat.", "A feline rests on a rug.", "Stocks fell."]
+    default = client.embeddings.create(model=MINILM, input=texts)  # SDK asks for base64
+    floats = client.embeddings.create(model=MINILM, input=texts, encoding_format="float")
+    import numpy as np
+
+    a = np.array([d.embedding for d in default.data])
+    b = np.array([d.embedding for d in floats.data])
+    assert a.shape == (3, 384)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert a[0] @ a[1] > 0.5 > a[0] @ a[2]
+    assert default.usage.prompt_tokens == default.usage.total_tokens > 3
+
+
+def test_concurrent_requests_are_batched(live_server: LiveServer) -> None:
+    import concurrent.futures
+
+    import numpy as np
+
+    def runs() -> int:
+        entry = next(m for m in live_server.health()["models"] if m["id"] == MINILM)
+        return int(entry["stats"]["model_runs_total"])
+
+    texts = [f"request {i}: {'a poem about the sea' if i % 3 else 'quarterly earnings'}"
+             for i in range(64)]
+    url = live_server.base_url + "/v1/embeddings"
+    with httpx.Client(timeout=60) as http:
+        alone = [http.post(url, json={"model": MINILM, "input": t}).json()["data"][0]["embedding"]
+                 for t in texts[:8]]
+        before = runs()
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(
+                lambda t: http.post(url, json={"model": MINILM, "input": t}).json(), texts))
+    after = runs()
+    for i, body in enumerate(results):
+        assert body["data"][0]["index"] == 0
+        if i < 8:
+            np.testing.assert_allclose(body["data"][0]["embedding"], alone[i], atol=1e-5)
+    assert after - before < 64  # fewer model runs than requests
