@@ -18,7 +18,10 @@ def hypercorn_config(settings: Settings) -> Config:
     config.loglevel = settings.log_level.upper()
     # Route Hypercorn's logs through the root logger `serve` configured, so each line is
     # written once, in one format.
-    config.accesslog = logging.getLogger("hypercorn.access")
+    # Hypercorn formats an access line for every request whenever it has a logger, so give it
+    # one only when the level will print it.
+    verbose = settings.log_level.lower() in ("debug", "info")
+    config.accesslog = logging.getLogger("hypercorn.access") if verbose else None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 

@@ -50,6 +50,8 @@ class EmbeddingModel:
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids with the model's special tokens, one list per text."""
+        if len(texts) <= 8:  # encode_batch's thread pool costs more than it saves here
+            return [list(self.tokenizer.encode(t, add_special_tokens=True).ids) for t in texts]
         return [list(e.ids) for e in self.tokenizer.encode_batch(list(texts),
                                                                  add_special_tokens=True)]
 
