@@ -18,7 +18,7 @@ from inference.errors import InferenceError
 from server.errors import APIError, internal_error, to_api_error
 from server.registry import ModelRegistry
 from server.responses import json_response
-from server.routes import chat, embeddings, health, models
+from server.routes import chat, embeddings, health, models, web, ws
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
@@ -31,7 +31,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
                batchers: list[EmbeddingBatcher] | None = None) -> Quart:
     """Build the app. With `engines`/`batchers`, serve those (already loaded) instead of
     `settings`' model folders, which are otherwise loaded in the background after start-up."""
-    app = Quart("npugate")
+    app = Quart("npugate", static_folder=None)  # the web blueprint serves clients/web
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     if engines is not None or batchers is not None:
         registry = ModelRegistry.from_engines(engines or [], batchers or [])
@@ -41,7 +41,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     app.extensions["npugate"] = AppState(
         settings=settings, registry=registry, chat=ChatService(registry),
         embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs))
-    for bp in (chat.bp, embeddings.bp, models.bp, health.bp):
+    for bp in (chat.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
         app.register_blueprint(bp)
     _register_error_handlers(app)
 

@@ -31,6 +31,10 @@ class Settings:
     max_waiting_per_model: int = 32
     max_body_bytes: int = 4 * 1024 * 1024
     sse_ping_interval_s: float = 15.0
+    ws_max_message_bytes: int = 1024 * 1024  # larger messages get an error event
+    ws_max_conversations: int = 16  # per socket
+    ws_send_queue: int = 256  # messages buffered per socket
+    ws_ping_interval_s: float = 20.0
 
     def limits(self) -> EngineLimits:
         return EngineLimits(

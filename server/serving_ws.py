@@ -1,0 +1,167 @@
+"""The WebSocket protocol of `/v1/ws`: conversations multiplexed on one socket by client id.
+
+Client → server (JSON text messages):
+  {"type": "chat.create", "id": ID, "request": <body of /v1/chat/completions>}
+  {"type": "chat.cancel", "id": ID}
+  {"type": "embeddings.create", "id": ID, "request": <body of /v1/embeddings>}
+  {"type": "ping"}
+Server → client:
+  {"type": "chat.delta", "id": ID, "chunk": <chat.completion.chunk, as over SSE>}
+  {"type": "chat.done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...}}
+  {"type": "embeddings.result", "id": ID, "response": <body of /v1/embeddings>}
+  {"type": "error", "id": ID|null, "error": <OpenAI error body's "error">}
+  {"type": "pong"}
+A bad message gets an error event and the socket stays open. This module knows nothing of
+Quart; the route gives it a bounded send queue and a task group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import orjson
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from inference.errors import InferenceError
+from server.errors import APIError, bad_request, internal_error, to_api_error
+from server.protocol import ChatCompletionRequest, EmbeddingRequest, parse_model
+from server.serving_chat import ChatService, ChunkWriter
+from server.serving_embeddings import EmbeddingService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SocketLimits:
+    max_message_bytes: int = 1024 * 1024
+    max_conversations: int = 16
+
+
+class SocketSession:
+    """One connection's conversations. `dispatch` handles one incoming message."""
+
+    def __init__(self, chat: ChatService, embeddings: EmbeddingService,
+                 outbox: MemoryObjectSendStream[dict[str, Any]], limits: SocketLimits) -> None:
+        self._chat = chat
+        self._embeddings = embeddings
+        self._outbox = outbox
+        self._send = outbox.send
+        self._limits = limits
+        self._active: dict[str, anyio.CancelScope] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    async def dispatch(self, raw: str | bytes, tg: TaskGroup) -> None:
+        if len(raw) > self._limits.max_message_bytes:
+            await self._error(None, APIError(
+                413, f"message of {len(raw)} bytes exceeds the limit of "
+                f"{self._limits.max_message_bytes}", code="message_too_large"))
+            return
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            await self._error(None, bad_request(f"message is not valid JSON: {exc}"))
+            return
+        if not isinstance(msg, dict):
+            await self._error(None, bad_request("message must be a JSON object"))
+            return
+        kind, cid = msg.get("type"), msg.get("id")
+        if kind == "ping":
+            await self._send({"type": "pong"})
+            return
+        if kind not in ("chat.create", "chat.cancel", "embeddings.create"):
+            await self._error(cid if isinstance(cid, str) else None,
+                              bad_request(f"unknown message type {kind!r}", param="type"))
+            return
+        if not isinstance(cid, str) or not 0 < len(cid) <= 128:
+            await self._error(None, bad_request("id must be a string of 1 to 128 characters",
+                                                param="id"))
+            return
+        if kind == "chat.cancel":
+            scope = self._active.get(cid)
+            if scope is None:
+                await self._error(cid, bad_request(f"no active conversation {cid!r}",
+                                                   param="id"))
+            else:
+                scope.cancel()
+            return
+        if cid in self._active:
+            await self._error(cid, bad_request(f"id {cid!r} is already in use", param="id"))
+            return
+        if len(self._active) >= self._limits.max_conversations:
+            await self._error(cid, APIError(
+                429, f"at most {self._limits.max_conversations} conversations per socket",
+                type="rate_limit_error", code="too_many_conversations"))
+            return
+        request = msg.get("request")
+        if not isinstance(request, dict):
+            await self._error(cid, bad_request("request must be a JSON object",
+                                               param="request"))
+            return
+        scope = anyio.CancelScope()
+        self._active[cid] = scope
+        run = self._run_chat if kind == "chat.create" else self._run_embeddings
+        tg.start_soon(self._guarded, cid, scope, run, request)
+
+    async def _guarded(self, cid: str, scope: anyio.CancelScope,
+                       run: Callable[[str, dict[str, Any]], Awaitable[None]],
+                       request: dict[str, Any]) -> None:
+        try:
+            with scope:
+                await run(cid, request)
+        except APIError as exc:
+            await self._error(cid, exc)
+        except InferenceError as exc:
+            await self._error(cid, to_api_error(exc))
+        except Exception:
+            log.exception("websocket conversation %s failed", cid)
+            await self._error(cid, internal_error())
+        finally:
+            self._active.pop(cid, None)
+
+    async def _run_chat(self, cid: str, body: dict[str, Any]) -> None:
+        req = parse_model(ChatCompletionRequest, body)
+        _, stream = await self._chat.start(req)
+        writer = ChunkWriter(model=req.model, include_usage=False)
+        finish, completion = "stop", 0
+        try:
+            async with stream:
+                await self._send({"type": "chat.delta", "id": cid, "chunk": writer.role()})
+                async for delta in stream:
+                    completion = delta.completion_tokens
+                    for chunk in writer.deltas(delta):
+                        await self._send({"type": "chat.delta", "id": cid, "chunk": chunk})
+                    finish = delta.finish_reason or finish
+        except anyio.get_cancelled_exc_class():
+            # chat.cancel, or the socket closing: say so if the socket still listens.
+            self._post(self._done(cid, "cancelled", stream.prompt_tokens, completion))
+            raise
+        await self._send(self._done(cid, finish, stream.prompt_tokens, completion))
+
+    @staticmethod
+    def _done(cid: str, finish: str, prompt: int, completion: int) -> dict[str, Any]:
+        return {"type": "chat.done", "id": cid, "finish_reason": finish,
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
+
+    async def _run_embeddings(self, cid: str, body: dict[str, Any]) -> None:
+        req = parse_model(EmbeddingRequest, body)
+        response = await self._embeddings.embed(req)
+        await self._send({"type": "embeddings.result", "id": cid, "response": response})
+
+    def _post(self, message: dict[str, Any]) -> None:
+        """Queue without waiting; dropped if the socket is gone or its queue is full."""
+        try:
+            self._outbox.send_nowait(message)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    async def _error(self, cid: str | None, err: APIError) -> None:
+        await self._send({"type": "error", "id": cid, "error": err.body()["error"]})

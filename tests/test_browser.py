@@ -1,0 +1,108 @@
+"""End to end in a real headless browser: Debian's Chromium driven by playwright-python.
+
+Loads the chat page from `npugate serve`, sends a prompt from the keyboard, watches tokens
+arrive one after another, presses Stop, and checks on the server that generation stopped.
+Screenshots go to test-output/browser/. Without a browser it skips, unless
+NPUGATE_REQUIRE_BROWSER=1 (as CI sets), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, LiveServer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+OUT = REPO / "test-output" / "browser"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if CHROMIUM is None:
+        message = "no chromium on PATH (apt-get install chromium)"
+        if os.environ.get("NPUGATE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    live = LiveServer(chat=[smollm2_dir], embedding=[],
+                      log=tmp_path_factory.mktemp("browser") / "server.log")
+    yield live
+    live.stop()
+
+
+def _smol(server: LiveServer) -> dict[str, Any]:
+    entry = server.health()["models"][0]
+    return {**entry["stats"], "running": entry["requests_running"]}
+
+
+def test_page_streams_tokens_and_stops(chromium: str, server: LiveServer) -> None:
+    from playwright.sync_api import sync_playwright
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    before = _smol(server)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 420, "height": 760})  # a narrow window
+        page.goto(server.base_url + "/")
+        page.wait_for_selector("#status.ok", timeout=15000)
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        assert page.input_value("#model") == "smollm2-135m-instruct"
+        page.evaluate("""() => {
+            window.__updates = [];
+            new MutationObserver(() => {
+                const el = document.querySelector('.msg.assistant');
+                if (el) window.__updates.push([performance.now(), el.textContent.length]);
+            }).observe(document.getElementById('transcript'),
+                       {childList: true, subtree: true, characterData: true});
+        }""")
+        page.focus("#prompt")
+        page.keyboard.type("Write a long story about a dragon who learns to bake bread.")
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "Number(document.querySelector('.msg.assistant')?.getAttribute('data-chunks')"
+            " || 0) >= 25", timeout=30000)
+        page.screenshot(path=str(OUT / "streaming.png"))
+        updates = page.evaluate("window.__updates")
+        lengths = sorted({n for _, n in updates if n > 0})
+        span_ms = updates[-1][0] - updates[0][0]
+        assert len(lengths) >= 10 and span_ms > 100, (len(lengths), span_ms)  # not all at once
+        page.click("#stop")
+        page.wait_for_selector(".msg.assistant[data-done='cancelled']", timeout=10000)
+        page.screenshot(path=str(OUT / "stopped.png"))
+        stopped_text = page.text_content(".msg.assistant")
+        assert stopped_text and "stopped" in stopped_text
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _smol(server)["running"]:
+            time.sleep(0.05)
+        after = _smol(server)
+        assert after["running"] == 0
+        assert after["cancelled_total"] == before["cancelled_total"] + 1
+        steps = after["decode_steps_total"]
+        time.sleep(0.5)
+        assert _smol(server)["decode_steps_total"] == steps  # decoding really stopped
+        assert steps - before["decode_steps_total"] < 1024  # well short of max_tokens
+
+        # the conversation goes on: a second turn carries the first as history
+        page.fill("#prompt", "Now say hello in one word.")
+        page.click("#send")
+        page.wait_for_function(
+            "document.querySelectorAll('.msg.assistant[data-done]').length == 2", timeout=30000)
+        assert page.locator(".msg.user").count() == 2
+        assert "time to first token" in (page.text_content("#stats") or "")
+        page.screenshot(path=str(OUT / "second-turn.png"))
+        browser.close()
