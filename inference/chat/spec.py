@@ -6,12 +6,12 @@ tokenizer_config.json, chat_template.jinja); nothing model-specific is hard-code
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inference.errors import ModelLoadError
+from inference.model_files import json_object
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class ChatModelSpec:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"chat model folder {folder} does not exist")
-        genai = _read_json(folder / "genai_config.json")
-        tok_cfg = _read_json(folder / "tokenizer_config.json", required=False)
+        genai = json_object(folder / "genai_config.json", required=True)
+        tok_cfg = json_object(folder / "tokenizer_config.json")
         try:
             model = genai["model"]
             decoder = model["decoder"]
@@ -90,20 +90,6 @@ class ChatModelSpec:
             present_key_names=outputs.get("present_key_names", "present.%d.key"),
             present_value_names=outputs.get("present_value_names", "present.%d.value"),
         )
-
-
-def _read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise ModelLoadError(f"{path} is missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return data
 
 
 def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str:

@@ -6,12 +6,12 @@ Pooling (mean, CLS, max), normalisation, maximum length and dimension come from 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from inference.errors import ModelLoadError
+from inference.model_files import json_list, json_object
 
 Pooling = Literal["mean", "cls", "max"]
 
@@ -42,11 +42,11 @@ class EmbeddingModelSpec:
         tokenizer_file = folder / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise ModelLoadError(f"{tokenizer_file} is missing")
-        config = _json(folder / "config.json")
-        pooling_cfg = _json(folder / "1_Pooling" / "config.json")
-        modules = _json_list(folder / "modules.json")
-        st_cfg = _json(folder / "sentence_bert_config.json")
-        tok_cfg = _json(folder / "tokenizer_config.json")
+        config = json_object(folder / "config.json")
+        pooling_cfg = json_object(folder / "1_Pooling" / "config.json")
+        modules = json_list(folder / "modules.json")
+        st_cfg = json_object(folder / "sentence_bert_config.json")
+        tok_cfg = json_object(folder / "tokenizer_config.json")
         dimension = int(pooling_cfg.get("word_embedding_dimension")
                         or config.get("hidden_size") or 0)
         if not dimension:
@@ -61,7 +61,7 @@ class EmbeddingModelSpec:
             tokenizer_file=tokenizer_file, pooling=_pooling(pooling_cfg),
             normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
             max_length=min(limits) if limits else 512, dimension=dimension,
-            matryoshka=bool(_json(folder / "npugate.json").get("matryoshka", False)),
+            matryoshka=bool(json_object(folder / "npugate.json").get("matryoshka", False)),
         )
 
 
@@ -73,23 +73,3 @@ def _pooling(cfg: dict[str, Any]) -> Pooling:
     if cfg.get("pooling_mode_max_tokens"):
         return "max"
     raise ModelLoadError(f"unsupported pooling mode in 1_Pooling/config.json: {cfg}")
-
-
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
-    return data if isinstance(data, dict) else {}
-
-
-def _json_list(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path} is not readable JSON: {exc}") from exc
-    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
