@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -32,8 +33,10 @@ class ChatTransport:
 
 
 class SocketTransport(ChatTransport):
-    def __init__(self, base_url: str) -> None:
-        self._ws: ClientConnection = connect(base_url.replace("http", "ws", 1) + "/v1/ws")
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._ws: ClientConnection = connect(base_url.replace("http", "ws", 1) + "/v1/ws",
+                                             additional_headers=headers)
         self._id = ""
         self.finish_reason = ""
 
@@ -76,8 +79,9 @@ class SocketTransport(ChatTransport):
 
 
 class SSETransport(ChatTransport):
-    def __init__(self, base_url: str) -> None:
-        self._client = httpx.Client(base_url=base_url, timeout=None)
+    def __init__(self, base_url: str, api_key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.Client(base_url=base_url, timeout=None, headers=headers)
         self._response: httpx.Response | None = None
 
     def stream(self, body: dict[str, Any]) -> Iterator[str]:
@@ -104,8 +108,13 @@ class SSETransport(ChatTransport):
         self._client.close()
 
 
-def first_chat_model(base_url: str) -> str:
-    models = httpx.get(base_url + "/v1/models", timeout=10).json()["data"]
+def first_chat_model(base_url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    resp = httpx.get(base_url + "/v1/models", timeout=10, headers=headers)
+    if resp.status_code == 401:
+        raise SystemExit("npugate chat: the server wants an API key (--api-key or "
+                         "NPUGATE_API_KEY)")
+    models = resp.json()["data"]
     chat = [m["id"] for m in models if m.get("task", "chat") == "chat"]
     if not chat:
         raise SystemExit(f"{base_url} serves no chat model")
@@ -119,11 +128,14 @@ def run(argv: list[str] | None = None) -> int:
     ap.add_argument("--sse", action="store_true", help="stream over SSE, not the WebSocket")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--api-key", default=os.environ.get("NPUGATE_API_KEY"),
+                    help="API key, if the server requires one (NPUGATE_API_KEY)")
     args = ap.parse_args(argv)
     base = args.url.rstrip("/")
     try:
-        model = args.model or first_chat_model(base)
-        transport: ChatTransport = SSETransport(base) if args.sse else SocketTransport(base)
+        model = args.model or first_chat_model(base, args.api_key)
+        transport: ChatTransport = (SSETransport(base, args.api_key) if args.sse
+                                    else SocketTransport(base, args.api_key))
     except (httpx.HTTPError, OSError) as exc:
         print(f"npugate chat: cannot reach {base}: {exc}", file=sys.stderr)
         return 1

@@ -6,10 +6,12 @@ Engines run in one anyio task group opened in `while_serving`, alive as long as 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator
 
 import anyio
-from quart import Quart, Response
+import orjson
+from quart import Quart, Response, g, request, websocket
 from werkzeug.exceptions import HTTPException
 
 from inference.chat.engine import ChatEngine
@@ -19,6 +21,7 @@ from server.errors import APIError, internal_error, to_api_error
 from server.registry import ModelRegistry
 from server.responses import json_response
 from server.routes import chat, embeddings, health, models, web, ws
+from server.security import APIKeys, origin_allowed, request_id, same_origin, unauthorized
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
@@ -44,6 +47,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     for bp in (chat.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
         app.register_blueprint(bp)
     _register_error_handlers(app)
+    _register_access_hooks(app, settings)
 
     @app.while_serving
     async def run_engines() -> AsyncGenerator[None, None]:
@@ -53,6 +57,67 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
             tg.cancel_scope.cancel()
 
     return app
+
+
+OPEN_PATHS = ("/", "/favicon.ico")
+HEALTH_PATHS = ("/health", "/health/live", "/health/ready")
+
+
+def _register_access_hooks(app: Quart, settings: Settings) -> None:
+    keys = APIKeys(settings.api_keys)
+    allow = settings.cors_origins
+    access_log = logging.getLogger("npugate.access")
+
+    def is_open(path: str) -> bool:
+        return (path in OPEN_PATHS or path.startswith("/static/")
+                or (not settings.protect_health and path in HEALTH_PATHS))
+
+    @app.before_request
+    async def identify_and_authenticate() -> Response | None:
+        g.request_id = request_id(request.headers.get("X-Request-Id"))
+        g.started = time.perf_counter()
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin:  # CORS preflight
+            if not origin_allowed(origin, request.host, allow):
+                raise APIError(403, f"origin {origin} is not allowed", code="origin_not_allowed")
+            return Response("", status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+                "Access-Control-Max-Age": "600"})
+        if keys.enabled and not is_open(request.path):
+            header = request.headers.get("Authorization")
+            if not keys.check_header(header):
+                raise unauthorized(provided=header is not None)
+        return None
+
+    @app.after_request
+    async def tag_and_log(response: Response) -> Response:
+        rid = getattr(g, "request_id", None) or request_id(None)
+        response.headers["X-Request-Id"] = rid
+        origin = request.headers.get("Origin")
+        if origin and not same_origin(origin, request.host) and \
+                origin_allowed(origin, request.host, allow):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+            response.headers["Vary"] = "Origin"
+        if access_log.isEnabledFor(logging.INFO):
+            started = getattr(g, "started", time.perf_counter())
+            access_log.info(orjson.dumps({
+                "request_id": rid, "method": request.method, "path": request.path,
+                "status": response.status_code,
+                "ms": round((time.perf_counter() - started) * 1e3, 2)}).decode())
+        return response
+
+    @app.before_websocket
+    async def check_origin() -> None:
+        # Browsers send cookies and credentials cross-origin to sockets; refuse foreign pages.
+        g.request_id = request_id(websocket.headers.get("X-Request-Id"))
+        origin = websocket.headers.get("Origin")
+        if not origin_allowed(origin, websocket.host, allow):
+            raise APIError(403, f"origin {origin} is not allowed", code="origin_not_allowed")
+        g.ws_authorized = not keys.enabled or keys.check_header(
+            websocket.headers.get("Authorization"))
+        g.api_keys = keys
 
 
 def _register_error_handlers(app: Quart) -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from inference.prepare import default_models_dir
+from server.security import read_key_file
 from server.settings import Settings
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
@@ -79,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
                        "(NPUGATE_QNN_MAX_BATCH, default 8)")
     serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
+    serve.add_argument("--api-key-file", default=os.environ.get("NPUGATE_API_KEY_FILE"),
+                       help="file of API keys, one per line (NPUGATE_API_KEY_FILE); keys may "
+                       "also come comma-separated in NPUGATE_API_KEYS. Default: no keys")
+    serve.add_argument("--protect-health", action="store_true",
+                       default=os.environ.get("NPUGATE_PROTECT_HEALTH", "") == "1",
+                       help="require the API key for /health too (NPUGATE_PROTECT_HEALTH=1)")
+    serve.add_argument("--cors-origin", action="append",
+                       default=[o for o in os.environ.get("NPUGATE_CORS_ORIGINS", "").split(",")
+                                if o],
+                       help="origin allowed to call the API from a browser, repeatable "
+                       "(NPUGATE_CORS_ORIGINS, comma-separated; default same-origin only)")
 
     sub.add_parser("chat", help="chat in the terminal with a running server (see --help)",
                    add_help=False)
@@ -148,7 +160,16 @@ def _serve(args: argparse.Namespace) -> int:
     if missing:
         print(f"npugate: model folder {missing[0]} does not exist", file=sys.stderr)
         return 2
+    keys = [k.strip() for k in os.environ.get("NPUGATE_API_KEYS", "").split(",") if k.strip()]
+    if args.api_key_file:
+        try:
+            keys += read_key_file(args.api_key_file)
+        except OSError as exc:
+            print(f"npugate: cannot read the API key file: {exc}", file=sys.stderr)
+            return 2
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
+                        api_keys=tuple(keys), protect_health=args.protect_health,
+                        cors_origins=tuple(args.cors_origin),
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
                         embedding_device=args.embedding_device,

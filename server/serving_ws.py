@@ -5,12 +5,13 @@ Client → server (JSON text messages):
   {"type": "chat.cancel", "id": ID}
   {"type": "embeddings.create", "id": ID, "request": <body of /v1/embeddings>}
   {"type": "ping"}
+  {"type": "auth", "api_key": KEY}    first message, when keys are on and no header was sent
 Server → client:
   {"type": "chat.delta", "id": ID, "chunk": <chat.completion.chunk, as over SSE>}
   {"type": "chat.done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...}}
   {"type": "embeddings.result", "id": ID, "response": <body of /v1/embeddings>}
   {"type": "error", "id": ID|null, "error": <OpenAI error body's "error">}
-  {"type": "pong"}
+  {"type": "pong"}, {"type": "auth.ok"}
 A bad message gets an error event and the socket stays open. This module knows nothing of
 Quart; the route gives it a bounded send queue and a task group.
 """
@@ -40,6 +41,18 @@ log = logging.getLogger(__name__)
 class SocketLimits:
     max_message_bytes: int = 1024 * 1024
     max_conversations: int = 16
+
+
+def auth_message_key(raw: str | bytes) -> str | None:
+    """The key of an {"type": "auth", "api_key": ...} message, else None."""
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(msg, dict) and msg.get("type") == "auth" and isinstance(msg.get("api_key"),
+                                                                          str):
+        return str(msg["api_key"])
+    return None
 
 
 class SocketSession:
@@ -75,6 +88,9 @@ class SocketSession:
         kind, cid = msg.get("type"), msg.get("id")
         if kind == "ping":
             await self._send({"type": "pong"})
+            return
+        if kind == "auth":  # already authenticated (by header or first message)
+            await self._send({"type": "auth.ok"})
             return
         if kind not in ("chat.create", "chat.cancel", "embeddings.create"):
             await self._error(cid if isinstance(cid, str) else None,

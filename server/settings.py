@@ -35,6 +35,9 @@ class Settings:
     ws_max_conversations: int = 16  # per socket
     ws_send_queue: int = 256  # messages buffered per socket
     ws_ping_interval_s: float = 20.0
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    protect_health: bool = False  # health probes need a key too
+    cors_origins: tuple[str, ...] = ()  # empty: same-origin only
 
     def limits(self) -> EngineLimits:
         return EngineLimits(

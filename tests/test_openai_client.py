@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -152,3 +153,21 @@ def test_concurrent_requests_are_batched(live_server: LiveServer) -> None:
         if i < 8:
             np.testing.assert_allclose(body["data"][0]["embedding"], alone[i], atol=1e-5)
     assert after - before < 64  # fewer model runs than requests
+
+
+def test_sdk_with_api_keys(phi3_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# team keys\nsk-alpha\n\nsk-beta\n")
+    server = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "server.log",
+                        extra=["--api-key-file", str(key_file)])
+    try:
+        good = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-beta", max_retries=0)
+        resp = good.chat.completions.create(model="phi3-tiny-random", max_tokens=2,
+                                            messages=FRANCE)  # type: ignore[arg-type]
+        assert resp.usage is not None and resp.usage.completion_tokens == 2
+        bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-gamma", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert "sk-alpha" not in (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()

@@ -11,6 +11,20 @@ let backoff = 500;
 let history = [];          // the conversation so far, as OpenAI messages
 let active = null;         // {id, el, text, sentAt, firstAt}
 let counter = 0;
+let apiKey = sessionStorage.getItem("npugate-api-key") || "";
+
+function authHeaders() {
+  return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+}
+
+function askForKey() {
+  const key = window.prompt("This server needs an API key:");
+  if (key) {
+    apiKey = key.trim();
+    sessionStorage.setItem("npugate-api-key", apiKey);
+  }
+  return Boolean(key);
+}
 
 function newId() {
   counter += 1;
@@ -85,7 +99,13 @@ function finish(reason, usage) {
 
 function onMessage(event) {
   const msg = JSON.parse(event.data);
-  if (msg.type === "pong") return;
+  if (msg.type === "pong" || msg.type === "auth.ok") return;
+  if (msg.type === "error" && msg.id === null && msg.error.code === "invalid_api_key") {
+    setStatus("API key rejected", "bad");
+    sessionStorage.removeItem("npugate-api-key");
+    apiKey = "";
+    return;
+  }
   if (!active || msg.id !== active.id) return;
   if (msg.type === "chat.delta") {
     const choice = msg.chunk.choices[0];
@@ -110,6 +130,7 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/v1/ws`);
   socket.addEventListener("open", () => {
+    if (apiKey) socket.send(JSON.stringify({ type: "auth", api_key: apiKey }));
     backoff = 500;
     setStatus("connected", "ok");
   });
@@ -127,7 +148,15 @@ function connect() {
 
 async function loadModels() {
   try {
-    const resp = await fetch("/v1/models");
+    const resp = await fetch("/v1/models", { headers: authHeaders() });
+    if (resp.status === 401) {
+      if (askForKey()) {
+        if (socket) socket.close();  // reconnects, sending the key first
+        return loadModels();
+      }
+      setStatus("an API key is needed", "bad");
+      return;
+    }
     const body = await resp.json();
     const chat = body.data.filter((m) => m.task === "chat");
     ui.model.replaceChildren(...chat.map((m) => new Option(m.id, m.id)));

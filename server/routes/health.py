@@ -31,3 +31,16 @@ async def health() -> Response:
                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             "models": models}
     return json_response(body, 200 if status in ("ready", "degraded") else 503)
+
+
+@bp.get("/health/live")
+async def live() -> Response:
+    """Liveness: the process serves HTTP (restart it if this fails)."""
+    return json_response({"status": "alive"})
+
+
+@bp.get("/health/ready")
+async def ready() -> Response:
+    """Readiness: at least one model serves and none is still loading."""
+    status = app_state().registry.overall_status()
+    return json_response({"status": status}, 200 if status in ("ready", "degraded") else 503)

@@ -8,12 +8,14 @@ from typing import Any
 import anyio
 import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
-from quart import Blueprint, websocket
+from quart import Blueprint, g, websocket
 
-from server.serving_ws import SocketLimits, SocketSession
+from server.security import APIKeys, unauthorized
+from server.serving_ws import SocketLimits, SocketSession, auth_message_key
 from server.state import app_state
 
 bp = Blueprint("ws", __name__)
+AUTH_TIMEOUT_S = 10.0
 
 
 @bp.websocket("/v1/ws")
@@ -21,6 +23,8 @@ async def chat_socket() -> None:
     state = app_state()
     settings = state.settings
     await websocket.accept()
+    if not g.ws_authorized and not await _authenticate(g.api_keys):
+        return
     # Bounded: a slow reader stalls its own conversations (they stop pulling tokens), never
     # another connection.
     send, outbox = anyio.create_memory_object_stream[dict[str, Any]](
@@ -33,6 +37,19 @@ async def chat_socket() -> None:
         while True:
             raw = await websocket.receive()
             await session.dispatch(raw, tg)
+
+
+async def _authenticate(keys: APIKeys) -> bool:
+    """Browsers cannot set headers on a WebSocket: their first message carries the key."""
+    with anyio.move_on_after(AUTH_TIMEOUT_S):
+        raw = await websocket.receive()
+        if keys.check(auth_message_key(raw)):
+            await websocket.send(orjson.dumps({"type": "auth.ok"}).decode())
+            return True
+    error = unauthorized(provided=True).body()["error"]
+    await websocket.send(orjson.dumps({"type": "error", "id": None, "error": error}).decode())
+    await websocket.close(1008, "authentication failed")
+    return False
 
 
 async def _sender(outbox: MemoryObjectReceiveStream[dict[str, Any]]) -> None:

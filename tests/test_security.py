@@ -1,0 +1,172 @@
+"""API keys, CORS, WebSocket origin and auth, request ids, probes, static-file confinement."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from quart import Quart
+
+from inference.chat.engine import ChatEngine
+from inference.chat.model import ChatModel
+from server.app import create_app
+from server.security import APIKeys
+from server.settings import Settings
+
+pytestmark = pytest.mark.anyio
+KEY = "sk-test-0123456789"
+BODY = {"model": "phi3-tiny-random", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2}
+
+
+async def _app(phi3: ChatModel, **settings: Any) -> AsyncIterator[Quart]:
+    app = create_app(Settings(**settings), engines=[ChatEngine(phi3)])
+    async with app.test_app():
+        yield app
+
+
+@pytest.fixture
+async def locked(phi3: ChatModel) -> AsyncIterator[Quart]:
+    async for app in _app(phi3, api_keys=(KEY, "sk-other"),
+                          cors_origins=("https://app.example",)):
+        yield app
+
+
+def test_key_check_is_exact() -> None:
+    keys = APIKeys(["a-key", "b-key"])
+    assert keys.check("a-key") and keys.check("b-key")
+    assert not keys.check("a-ke") and not keys.check("") and not keys.check(None)
+    assert keys.check_header("Bearer b-key") and keys.check_header("bearer  a-key")
+    assert not keys.check_header("Basic a-key") and not keys.check_header(None)
+    assert APIKeys([]).check(None)
+
+
+async def test_no_keys_means_open(phi3: ChatModel) -> None:
+    async for app in _app(phi3):
+        resp = await app.test_client().post("/v1/chat/completions", json=BODY)
+        assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(("headers", "message"), [
+    ({}, "Missing API key"),
+    ({"Authorization": "Bearer wrong"}, "Incorrect API key"),
+    ({"Authorization": KEY}, "Incorrect API key"),
+])
+async def test_missing_or_wrong_key_is_401(locked: Quart, headers: dict[str, str],
+                                           message: str, caplog: pytest.LogCaptureFixture
+                                           ) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = locked.test_client()
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                         ("POST", "/v1/embeddings")):
+        resp = await client.open(path, method=method, json=BODY, headers=headers)
+        body = await resp.get_json()
+        assert resp.status_code == 401, (path, body)
+        assert body["error"]["code"] == "invalid_api_key" and message in body["error"]["message"]
+    assert KEY not in caplog.text and "wrong" not in caplog.text  # keys never logged
+
+
+async def test_right_key_passes_and_health_is_open_by_default(locked: Quart) -> None:
+    client = locked.test_client()
+    resp = await client.post("/v1/chat/completions", json=BODY,
+                             headers={"Authorization": f"Bearer {KEY}"})
+    assert resp.status_code == 200
+    for path in ("/health", "/health/live", "/health/ready", "/", "/static/app.js"):
+        assert (await client.get(path)).status_code == 200, path
+
+
+async def test_health_can_be_protected(phi3: ChatModel) -> None:
+    async for app in _app(phi3, api_keys=(KEY,), protect_health=True):
+        client = app.test_client()
+        assert (await client.get("/health/ready")).status_code == 401
+        resp = await client.get("/health/ready", headers={"Authorization": f"Bearer {KEY}"})
+        assert resp.status_code == 200
+
+
+async def test_cors_allowlist(locked: Quart) -> None:
+    client = locked.test_client()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    ok = await client.get("/v1/models", headers={**auth, "Origin": "https://app.example"})
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = await client.get("/v1/models", headers={**auth, "Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    pre = await client.options("/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 204
+    assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+    assert (await client.options("/v1/chat/completions",
+                                 headers={"Origin": "https://evil.example"})).status_code == 403
+
+
+async def test_request_ids(locked: Quart) -> None:
+    client = locked.test_client()
+    resp = await client.get("/health", headers={"X-Request-Id": "abc-123"})
+    assert resp.headers["X-Request-Id"] == "abc-123"
+    generated = (await client.get("/health")).headers["X-Request-Id"]
+    assert len(generated) == 32
+    odd = await client.get("/health", headers={"X-Request-Id": "x" * 500})
+    assert odd.headers["X-Request-Id"] != "x" * 500
+    failed = await client.get("/v1/models")
+    assert failed.status_code == 401 and failed.headers["X-Request-Id"]
+
+
+async def _ws_messages(ws: Any, n: int) -> list[dict[str, Any]]:
+    return [orjson.loads(await ws.receive()) for _ in range(n)]
+
+
+async def test_socket_auth_by_first_message(locked: Quart) -> None:
+    async with locked.test_client().websocket("/v1/ws") as ws:
+        await ws.send(orjson.dumps({"type": "auth", "api_key": KEY}).decode())
+        assert await _ws_messages(ws, 1) == [{"type": "auth.ok"}]
+        await ws.send('{"type": "ping"}')
+        assert await _ws_messages(ws, 1) == [{"type": "pong"}]
+
+
+async def test_socket_auth_by_header(locked: Quart) -> None:
+    async with locked.test_client().websocket(
+            "/v1/ws", headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.send('{"type": "ping"}')
+        assert await _ws_messages(ws, 1) == [{"type": "pong"}]
+
+
+@pytest.mark.parametrize("first", [
+    '{"type": "auth", "api_key": "wrong"}',
+    '{"type": "chat.create", "id": "a", "request": {}}',
+    "not json",
+])
+async def test_socket_without_a_good_key_is_closed_1008(locked: Quart, first: str) -> None:
+    from quart.testing.connections import WebsocketDisconnectError
+
+    async with locked.test_client().websocket("/v1/ws") as ws:
+        await ws.send(first)
+        msg = orjson.loads(await ws.receive())
+        assert msg["type"] == "error" and msg["error"]["code"] == "invalid_api_key"
+        with pytest.raises(WebsocketDisconnectError) as closed:
+            await ws.receive()
+        assert closed.value.args[0] == 1008
+
+
+async def test_socket_refuses_foreign_origins(locked: Quart) -> None:
+    from quart.testing.connections import WebsocketResponseError
+
+    with pytest.raises(WebsocketResponseError) as refused:
+        async with locked.test_client().websocket(
+                "/v1/ws", headers={"Origin": "https://evil.example",
+                                   "Authorization": f"Bearer {KEY}"}) as ws:
+            await ws.send('{"type": "ping"}')
+    assert refused.value.response.status_code == 403
+
+
+async def test_static_files_cannot_escape(locked: Quart) -> None:
+    client = locked.test_client()
+    for path in ("/static/../../pyproject.toml", "/static/%2e%2e/%2e%2e/pyproject.toml",
+                 "/static/..%2f..%2fserver%2fapp.py", "/static//etc/passwd"):
+        resp = await client.get(path)
+        if resp.status_code == 308:  # "//" is merged by a redirect that stays in /static/
+            assert resp.headers["Location"].endswith("/static/etc/passwd")
+            resp = await client.get("/static/etc/passwd")
+        assert resp.status_code == 404, path
+        assert b"[project]" not in await resp.get_data()
