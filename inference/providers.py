@@ -117,7 +117,8 @@ class EncoderSession:
     def __init__(self, loaded: LoadedSession) -> None:
         self._session = loaded.session
         self.provider = loaded.provider
-        self.fallback_reason: str | None = None
+        self.fallback_reason: str | None = None  # QNN was asked for and could not serve
+        self.note: str | None = None  # why QNN was not tried
         self.qnn_kind: str | None = None
         self.buckets: tuple[tuple[int, int], ...] = ()
         self.placement: dict[str, dict[str, int]] = {}
@@ -199,9 +200,9 @@ def load_encoder_session(path: Path, *, device: str = "cpu", cache_dir: Path | N
             log.warning("QNN requested for %s but unavailable: %s; using the CPU", path, why)
         elif found is not None:
             enc.qnn_kind = found.kind
-            enc.fallback_reason = ("the QNN device is the HTP simulator (about 100x slower "
-                                   "than the CPU); device=auto uses QNN only on a real NPU")
-            log.info("%s serves on the CPU: %s", path.name, enc.fallback_reason)
+            enc.note = ("the QNN device is the HTP simulator (about 100x slower than the "
+                        "CPU); device=auto uses QNN only on a real NPU")
+            log.info("%s serves on the CPU: %s", path.name, enc.note)
         return enc
     opts = qnn or QnnOptions()
     buckets = [(b, s) for b, s in opts.buckets if s <= max_length]

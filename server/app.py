@@ -18,6 +18,7 @@ from inference.chat.engine import ChatEngine
 from inference.embed.batcher import EmbeddingBatcher
 from inference.errors import InferenceError
 from server.errors import APIError, internal_error, to_api_error
+from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.responses import json_response
 from server.routes import chat, embeddings, health, models, web, ws
@@ -41,9 +42,13 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     else:
         registry = ModelRegistry.from_folders(list(settings.chat_models),
                                               list(settings.embedding_models))
+    metrics = Metrics(registry)
+    for batcher in batchers or []:
+        batcher.on_batch = batcher.on_batch or metrics.embedding_batch_observer(batcher.model_id)
     app.extensions["npugate"] = AppState(
-        settings=settings, registry=registry, chat=ChatService(registry),
-        embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs))
+        settings=settings, registry=registry, chat=ChatService(registry, metrics),
+        embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs),
+        metrics=metrics)
     for bp in (chat.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
         app.register_blueprint(bp)
     _register_error_handlers(app)
@@ -52,7 +57,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     @app.while_serving
     async def run_engines() -> AsyncGenerator[None, None]:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(registry.serve_all, tg, settings.limits())
+            tg.start_soon(registry.serve_all, tg, settings.limits(),
+                          metrics.embedding_batch_observer)
             yield
             tg.cancel_scope.cancel()
 
@@ -60,7 +66,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
 
 
 OPEN_PATHS = ("/", "/favicon.ico")
-HEALTH_PATHS = ("/health", "/health/live", "/health/ready")
+HEALTH_PATHS = ("/health", "/health/live", "/health/ready", "/metrics")
 
 
 def _register_access_hooks(app: Quart, settings: Settings) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from server.errors import APIError, model_not_found
 
 log = logging.getLogger(__name__)
 Status = Literal["loading", "ready", "failed"]
+BatchObserverFactory = Callable[[str], Callable[[int, int, float], None]]
 Task = Literal["chat", "embedding"]
 
 
@@ -82,6 +84,7 @@ class ModelEntry:
             info["qnn_device"] = session.qnn_kind
             info["qnn_buckets"] = session.placement
             info["fallback_reason"] = session.fallback_reason
+            info["note"] = session.note
         return info
 
 
@@ -158,12 +161,14 @@ class ModelRegistry:
         assert batcher is not None
         return batcher
 
-    async def serve_all(self, tg: TaskGroup, limits: EngineLimits) -> None:
+    async def serve_all(self, tg: TaskGroup, limits: EngineLimits,
+                        batch_observer: BatchObserverFactory | None = None) -> None:
         """Load every model (one at a time, off the event loop) and run its engine in `tg`."""
         for entry in self.entries.values():
             try:
                 if entry.chat is None and entry.embedding is None:
-                    await anyio.to_thread.run_sync(self._load, entry, limits)
+                    on_batch = batch_observer(entry.id) if batch_observer else None
+                    await anyio.to_thread.run_sync(self._load, entry, limits, on_batch)
             except InferenceError as exc:
                 log.error("model %s failed to load: %s", entry.id, exc.message)
                 entry.status, entry.error = "failed", exc.message
@@ -174,7 +179,8 @@ class ModelRegistry:
             log.info("model %s (%s) ready on %s", entry.id, entry.task, entry.provider)
 
     @staticmethod
-    def _load(entry: ModelEntry, limits: EngineLimits) -> None:
+    def _load(entry: ModelEntry, limits: EngineLimits,
+              on_batch: Callable[[int, int, float], None] | None) -> None:
         assert entry.path is not None
         if entry.task == "chat":
             model = ChatModel.load(entry.path, model_id=entry.id)
@@ -187,4 +193,5 @@ class ModelRegistry:
                                   qnn=limits.qnn)
         entry.embedding = EmbeddingBatcher(emb, max_batch_size=limits.embedding_max_batch,
                                            max_batch_tokens=limits.embedding_batch_tokens,
-                                           max_queued_inputs=limits.embedding_max_queued)
+                                           max_queued_inputs=limits.embedding_max_queued,
+                                           on_batch=on_batch)

@@ -11,8 +11,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference.chat.engine import ChatDelta, ChatEngine, GenerationStream
+from inference.chat.engine import ChatDelta
 from inference.chat.sampling import SamplingParams
+from server.metrics import MeteredStream, Metrics
 from server.protocol import ChatCompletionRequest
 from server.registry import ModelRegistry
 
@@ -62,10 +63,11 @@ class ChunkWriter:
 class ChatService:
     """Serves `/v1/chat/completions` from the registry's engines."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
         self._registry = registry
+        self._metrics = metrics
 
-    async def start(self, req: ChatCompletionRequest) -> tuple[ChatEngine, GenerationStream]:
+    async def start(self, req: ChatCompletionRequest, endpoint: str) -> MeteredStream:
         """Validate and queue a request. Every error is raised here, before any response."""
         req.check_supported()
         engine = self._registry.chat_engine(req.model)
@@ -76,9 +78,9 @@ class ChatService:
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             max_tokens=req.completion_limit(), stop=req.stop_list())
         stream = await engine.start(messages, params)
-        return engine, stream
+        return MeteredStream(stream, self._metrics, req.model, endpoint)
 
-    async def complete(self, req: ChatCompletionRequest, stream: GenerationStream
+    async def complete(self, req: ChatCompletionRequest, stream: MeteredStream
                        ) -> dict[str, Any]:
         """Run a non-streamed request to the end and build its `chat.completion`."""
         text: list[str] = []

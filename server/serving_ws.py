@@ -144,7 +144,7 @@ class SocketSession:
 
     async def _run_chat(self, cid: str, body: dict[str, Any]) -> None:
         req = parse_model(ChatCompletionRequest, body)
-        _, stream = await self._chat.start(req)
+        stream = await self._chat.start(req, "ws")
         writer = ChunkWriter(model=req.model, include_usage=False)
         finish, completion = "stop", 0
         try:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from quart import current_app
 
+from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
@@ -19,6 +20,7 @@ class AppState:
     registry: ModelRegistry
     chat: ChatService
     embeddings: EmbeddingService
+    metrics: Metrics
     started: float = field(default_factory=time.monotonic)
 
 

@@ -69,6 +69,8 @@ class _Sequence:
         self.send = send
         self.cancelled = False  # set by the consumer's side
         self.done = False  # set once, when the sequence needs no more steps
+        self.queued_at = time.monotonic()
+        self.admitted_at: float | None = None
         self.cache: KVCache | None = None
         self.completion_tokens = 0
         self._last = -1
@@ -121,6 +123,13 @@ class GenerationStream:
         self._seq = seq
         self._receive = receive
         self.prompt_tokens = len(seq.prompt_ids)
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """How long the request waited before its first step (None while it waits)."""
+        if self._seq.admitted_at is None:
+            return None
+        return self._seq.admitted_at - self._seq.queued_at
 
     async def receive(self) -> ChatDelta:
         """Next delta; raises `anyio.EndOfStream` after the last one. Safe to cancel."""
@@ -251,6 +260,7 @@ class ChatEngine:
             if seq.cancelled:  # client left while queued: it never costs compute
                 self._end(seq, "cancelled")
             else:
+                seq.admitted_at = time.monotonic()
                 self._running.append(seq)
 
     def _decode_round(self, batch: list[_Sequence]) -> None:

@@ -16,8 +16,9 @@ The batching rule, in one place:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -79,7 +80,8 @@ class EmbeddingBatcher:
 
     def __init__(self, model: EmbeddingModel, *, max_batch_size: int = 32,
                  max_batch_tokens: int = 16384, max_queued_inputs: int = 2048,
-                 max_padding: float = 1.2, window: int | None = None) -> None:
+                 max_padding: float = 1.2, window: int | None = None,
+                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
         self.model = model
         self.model_id = model.spec.model_id
         self.stats = BatcherStats()
@@ -87,6 +89,7 @@ class EmbeddingBatcher:
         self.max_batch_tokens = max(max_batch_tokens, model.spec.max_length)
         self._max_queued = max_queued_inputs
         self._max_padding = max_padding
+        self.on_batch = on_batch  # (inputs, padded tokens, seconds), for metrics
         self._window = window or 8 * self.max_batch_size
         self._queue: deque[_Item] = deque()
         self._seq = 0
@@ -184,6 +187,7 @@ class EmbeddingBatcher:
                 self._drop(item)
         if not live:
             return
+        started = time.perf_counter()
         try:
             vectors = await anyio.to_thread.run_sync(self.model.embed_batch,
                                                      [item.ids for item in live],
@@ -198,6 +202,8 @@ class EmbeddingBatcher:
         width = max(item.length for item in live)
         self.stats.last_batch_tokens = width * len(live)
         self.stats.padded_tokens_total += width * len(live)
+        if self.on_batch is not None:
+            self.on_batch(len(live), width * len(live), time.perf_counter() - started)
         for item, vector in zip(live, vectors, strict=True):
             item.job.put(item.index, vector)
 

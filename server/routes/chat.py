@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 import anyio
 from quart import Blueprint, Response, make_response, request
 
-from inference.chat.engine import ChatDelta, GenerationStream
+from inference.chat.engine import ChatDelta
 from inference.errors import InferenceError
 from server import sse
 from server.errors import APIError, to_api_error
+from server.metrics import MeteredStream
 from server.protocol import ChatCompletionRequest, parse_json_body, parse_model
 from server.responses import json_response
 from server.serving_chat import ChunkWriter
@@ -25,7 +26,7 @@ async def chat_completions() -> Response:
     raw = await request.get_data(as_text=False)
     assert isinstance(raw, bytes)
     req = parse_model(ChatCompletionRequest, parse_json_body(raw))
-    _, stream = await state.chat.start(req)
+    stream = await state.chat.start(req, "sse" if req.stream else "chat")
     if not req.stream:
         return json_response(await state.chat.complete(req, stream))
     writer = ChunkWriter(model=req.model, include_usage=req.include_usage())
@@ -36,7 +37,7 @@ async def chat_completions() -> Response:
     return response
 
 
-async def _events(stream: GenerationStream, writer: ChunkWriter, ping_s: float
+async def _events(stream: MeteredStream, writer: ChunkWriter, ping_s: float
                   ) -> AsyncIterator[bytes]:
     # Leaving this generator for any reason (client gone included) closes the stream, which
     # stops the generation at its next decode step.
@@ -59,7 +60,7 @@ async def _events(stream: GenerationStream, writer: ChunkWriter, ping_s: float
     yield sse.DONE
 
 
-async def _next(stream: GenerationStream) -> ChatDelta | APIError | None:
+async def _next(stream: MeteredStream) -> ChatDelta | APIError | None:
     try:
         return await stream.receive()
     except anyio.EndOfStream:

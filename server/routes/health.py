@@ -7,6 +7,7 @@ import time
 
 from quart import Blueprint, Response
 
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.responses import json_response
 from server.state import app_state
 
@@ -44,3 +45,9 @@ async def ready() -> Response:
     """Readiness: at least one model serves and none is still loading."""
     status = app_state().registry.overall_status()
     return json_response({"status": status}, 200 if status in ("ready", "degraded") else 503)
+
+
+@bp.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus exposition of every npugate metric."""
+    return Response(app_state().metrics.render(), content_type=METRICS_CONTENT_TYPE)

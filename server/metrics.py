@@ -1,0 +1,180 @@
+"""Prometheus metrics (`GET /metrics`), with prometheus_client.
+
+Latencies are observed where the server consumes a generation (`MeteredStream`), so SSE,
+non-streamed and WebSocket chats are measured alike. Counters and gauges are read from the
+engines' own stats at scrape time by one collector, so `inference/` needs no metrics library.
+Names follow vLLM's and TEI's where they overlap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import TracebackType
+
+import anyio
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inference.chat.engine import ChatDelta, GenerationStream
+from server.registry import ModelRegistry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    """Every metric npugate exports, in its own registry."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("npugate_time_to_first_token_seconds",
+                              "Request start to first generated token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("npugate_inter_token_latency_seconds",
+                             "Gap between consecutive generated tokens", ["model"],
+                             buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.e2e = Histogram("npugate_e2e_request_latency_seconds",
+                             "Request start to last token or error", ["model", "endpoint"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("npugate_request_queue_time_seconds",
+                               "Time a request waited before its first decode step", ["model"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("npugate_embedding_batch_size", "Inputs per model run",
+                                    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                                    registry=r)
+        self.batch_tokens = Histogram("npugate_embedding_batch_tokens",
+                                      "Padded tokens per model run", ["model"],
+                                      buckets=(16, 64, 256, 1024, 4096, 16384, 65536),
+                                      registry=r)
+        self.batch_seconds = Histogram("npugate_embedding_batch_seconds",
+                                       "Duration of one embedding model run", ["model"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_EngineStats(models))
+
+    def embedding_batch_observer(self, model: str) -> BatchObserver:
+        return BatchObserver(self, model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class BatchObserver:
+    """The batcher's per-run callback for one model."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._size = metrics.batch_size.labels(model)
+        self._tokens = metrics.batch_tokens.labels(model)
+        self._seconds = metrics.batch_seconds.labels(model)
+
+    def __call__(self, inputs: int, padded_tokens: int, seconds: float) -> None:
+        self._size.observe(inputs)
+        self._tokens.observe(padded_tokens)
+        self._seconds.observe(seconds)
+
+
+class MeteredStream:
+    """A `GenerationStream` that records TTFT, inter-token, queue and end-to-end latency."""
+
+    def __init__(self, stream: GenerationStream, metrics: Metrics, model: str,
+                 endpoint: str) -> None:
+        self._stream = stream
+        self._m = metrics
+        self._model = model
+        self._endpoint = endpoint
+        self._started = time.perf_counter()
+        self._last: float | None = None
+        self._closed = False
+        self.prompt_tokens = stream.prompt_tokens
+
+    async def receive(self) -> ChatDelta:
+        delta = await self._stream.receive()
+        now = time.perf_counter()
+        if self._last is None:
+            self._m.ttft.labels(self._model).observe(now - self._started)
+            queued = self._stream.queue_seconds
+            if queued is not None:
+                self._m.queue.labels(self._model).observe(queued)
+        else:
+            self._m.itl.labels(self._model).observe(now - self._last)
+        self._last = now
+        return delta
+
+    def __aiter__(self) -> MeteredStream:
+        return self
+
+    async def __anext__(self) -> ChatDelta:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._m.e2e.labels(self._model, self._endpoint).observe(
+                time.perf_counter() - self._started)
+        self._stream.close()
+
+    async def __aenter__(self) -> MeteredStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class _EngineStats(Collector):
+    """Counters and gauges read from the engines at scrape time."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily("npugate_num_requests_running",
+                                    "Generations being decoded", labels=["model"])
+        waiting = GaugeMetricFamily("npugate_num_requests_waiting",
+                                    "Generations queued", labels=["model"])
+        prompt = CounterMetricFamily("npugate_prompt_tokens", "Prompt tokens", labels=["model"])
+        generated = CounterMetricFamily("npugate_generation_tokens", "Generated tokens",
+                                        labels=["model"])
+        outcomes = CounterMetricFamily("npugate_chat_requests", "Finished generations",
+                                       labels=["model", "outcome"])
+        queued = GaugeMetricFamily("npugate_embedding_queue_size", "Embedding inputs queued",
+                                   labels=["model"])
+        inputs = CounterMetricFamily("npugate_embedding_inputs", "Embedding inputs",
+                                     labels=["model"])
+        runs = CounterMetricFamily("npugate_model_runs", "Model runs per execution provider",
+                                   labels=["model", "provider"])
+        fallback = GaugeMetricFamily("npugate_cpu_fallback",
+                                     "1 when a model asked for QNN but serves on the CPU",
+                                     labels=["model"])
+        up = GaugeMetricFamily("npugate_model_ready", "1 when the model serves",
+                               labels=["model", "task"])
+        for entry in self._models.entries.values():
+            up.add_metric([entry.id, entry.task], 1.0 if entry.status == "ready" else 0.0)
+            if entry.chat is not None:
+                s, mid = entry.chat.stats, entry.id
+                running.add_metric([mid], entry.chat.running)
+                waiting.add_metric([mid], entry.chat.waiting)
+                prompt.add_metric([mid], s.prompt_tokens_total)
+                generated.add_metric([mid], s.generated_tokens_total)
+                for outcome, n in (("completed", s.completed_total),
+                                   ("cancelled", s.cancelled_total),
+                                   ("failed", s.failed_total)):
+                    outcomes.add_metric([mid, outcome], n)
+                runs.add_metric([mid, entry.chat.model.provider], s.decode_steps_total)
+            if entry.embedding is not None:
+                b, mid = entry.embedding, entry.id
+                queued.add_metric([mid], b.queued)
+                inputs.add_metric([mid], b.stats.inputs_total)
+                for provider, n in b.model.session.runs_by_provider.items():
+                    runs.add_metric([mid, provider], n)
+                fell_back = b.model.session.fallback_reason is not None and \
+                    b.model.provider != "QNNExecutionProvider"
+                fallback.add_metric([mid], 1.0 if fell_back else 0.0)
+        yield from (running, waiting, prompt, generated, outcomes, queued, inputs, runs,
+                    fallback, up)

@@ -1,0 +1,73 @@
+"""GET /metrics after real traffic on the fixture models."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+from quart import Quart
+
+from inference.chat.engine import ChatEngine
+from inference.chat.model import ChatModel
+from inference.embed.batcher import EmbeddingBatcher
+from inference.embed.model import EmbeddingModel
+from server.app import create_app
+from server.settings import Settings
+
+pytestmark = pytest.mark.anyio
+CHAT = "phi3-tiny-random"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+async def app(phi3: ChatModel, bert_tiny: EmbeddingModel) -> AsyncIterator[Quart]:
+    app = create_app(Settings(), engines=[ChatEngine(phi3)],
+                     batchers=[EmbeddingBatcher(bert_tiny)])
+    async with app.test_app():
+        yield app
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)\{(.*)\} (\S+)$", line)
+        if m and m.group(1) == name:
+            got = ",".join(sorted(m.group(2).split(",")))
+            if got == want:
+                return float(m.group(3))
+    raise AssertionError(f"{name}{{{want}}} not in metrics")
+
+
+async def test_metrics_cover_chat_and_embeddings(app: Quart) -> None:
+    client = app.test_client()
+    await client.post("/v1/chat/completions", json={"model": CHAT, "messages": HELLO,
+                                                    "max_tokens": 5, "stream": True})
+    await client.post("/v1/chat/completions", json={"model": CHAT, "messages": HELLO,
+                                                    "max_tokens": 3})
+    await client.post("/v1/embeddings", json={"model": "bert-tiny-cls-random",
+                                              "input": ["a", "b", "c"]})
+    resp = await client.get("/metrics")
+    assert resp.status_code == 200 and resp.content_type.startswith("text/plain")
+    text = (await resp.get_data()).decode()
+    assert _value(text, "npugate_time_to_first_token_seconds_count", model=CHAT) == 2
+    assert _value(text, "npugate_inter_token_latency_seconds_count", model=CHAT) == 4 + 2
+    assert _value(text, "npugate_e2e_request_latency_seconds_count", model=CHAT,
+                  endpoint="sse") == 1
+    assert _value(text, "npugate_e2e_request_latency_seconds_count", model=CHAT,
+                  endpoint="chat") == 1
+    assert _value(text, "npugate_request_queue_time_seconds_count", model=CHAT) == 2
+    assert _value(text, "npugate_generation_tokens_total", model=CHAT) == 8
+    assert _value(text, "npugate_prompt_tokens_total", model=CHAT) > 0
+    assert _value(text, "npugate_num_requests_running", model=CHAT) == 0
+    assert _value(text, "npugate_chat_requests_total", model=CHAT, outcome="completed") == 2
+    assert _value(text, "npugate_model_runs_total", model=CHAT,
+                  provider="CPUExecutionProvider") == 8
+    emb = "bert-tiny-cls-random"
+    assert _value(text, "npugate_embedding_inputs_total", model=emb) == 3
+    assert _value(text, "npugate_embedding_batch_size_sum", model=emb) == 3
+    assert _value(text, "npugate_embedding_batch_tokens_count", model=emb) >= 1
+    assert _value(text, "npugate_model_runs_total", model=emb,
+                  provider="CPUExecutionProvider") >= 1
+    assert _value(text, "npugate_cpu_fallback", model=emb) == 0
+    assert _value(text, "npugate_model_ready", model=emb, task="embedding") == 1
