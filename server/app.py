@@ -26,7 +26,7 @@ from server.security import APIKeys, origin_allowed, request_id, same_origin, un
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
-from server.state import AppState
+from server.state import AppState, app_state
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
                 "Access-Control-Max-Age": "600"})
+        if app_state().draining and request.path not in HEALTH_PATHS:
+            raise APIError(503, "the server is shutting down; retry on another replica",
+                           type="service_unavailable", code="shutting_down", retry_after_s=5)
         if keys.enabled and not is_open(request.path):
             header = request.headers.get("Authorization")
             if not keys.check_header(header):
@@ -118,6 +121,9 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
     async def check_origin() -> None:
         # Browsers send cookies and credentials cross-origin to sockets; refuse foreign pages.
         g.request_id = request_id(websocket.headers.get("X-Request-Id"))
+        if app_state().draining:
+            raise APIError(503, "the server is shutting down", type="service_unavailable",
+                           code="shutting_down", retry_after_s=5)
         origin = websocket.headers.get("Origin")
         if not origin_allowed(origin, websocket.host, allow):
             raise APIError(403, f"origin {origin} is not allowed", code="origin_not_allowed")

@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                        "(NPUGATE_QNN_MAX_BATCH, default 8)")
     serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
+    serve.add_argument("--shutdown-grace", type=float,
+                       default=float(os.environ.get("NPUGATE_SHUTDOWN_GRACE", "30")),
+                       help="seconds in-flight requests may run on after SIGTERM "
+                       "(NPUGATE_SHUTDOWN_GRACE, default 30)")
     serve.add_argument("--api-key-file", default=os.environ.get("NPUGATE_API_KEY_FILE"),
                        help="file of API keys, one per line (NPUGATE_API_KEY_FILE); keys may "
                        "also come comma-separated in NPUGATE_API_KEYS. Default: no keys")
@@ -170,6 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
+                        shutdown_grace_s=args.shutdown_grace,
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
                         embedding_device=args.embedding_device,

@@ -129,6 +129,19 @@ class ModelRegistry:
                                      embedding=batcher))
         return registry
 
+    def idle(self) -> bool:
+        """No generation or embedding is queued or running."""
+        return all((e.chat is None or e.chat.idle) and (e.embedding is None or e.embedding.idle)
+                   for e in self.entries.values())
+
+    def stop_all(self, error: InferenceError) -> None:
+        """End all remaining work, telling each consumer `error` (shutdown)."""
+        for entry in self.entries.values():
+            if entry.chat is not None:
+                entry.chat.stop_all(error)
+            if entry.embedding is not None:
+                entry.embedding.stop_all(error)
+
     def overall_status(self) -> str:
         statuses = {e.status for e in self.entries.values()}
         if "loading" in statuses:

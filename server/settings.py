@@ -38,6 +38,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     protect_health: bool = False  # health probes need a key too
     cors_origins: tuple[str, ...] = ()  # empty: same-origin only
+    shutdown_grace_s: float = 30.0  # in-flight work may finish this long after SIGTERM
 
     def limits(self) -> EngineLimits:
         return EngineLimits(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import anyio
 from quart import current_app
 
 from server.metrics import Metrics
@@ -22,6 +23,11 @@ class AppState:
     embeddings: EmbeddingService
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)
+    draining: bool = False  # shutting down: no new work
+    sockets: set[anyio.CancelScope] = field(default_factory=set)  # open /v1/ws connections
+
+    def status(self) -> str:
+        return "draining" if self.draining else self.registry.overall_status()
 
 
 def app_state() -> AppState:

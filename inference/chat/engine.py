@@ -67,7 +67,8 @@ class _Sequence:
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
         self.send = send
-        self.cancelled = False  # set by the consumer's side
+        self.cancelled = False  # set by the consumer's side, or by stop_all
+        self.stop_error: InferenceError | None = None  # what to tell a consumer stop_all ended
         self.done = False  # set once, when the sequence needs no more steps
         self.queued_at = time.monotonic()
         self.admitted_at: float | None = None
@@ -184,6 +185,7 @@ class ChatEngine:
         self._wakeup = anyio.Event()
         self._arrival = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
 
     @property
     def running(self) -> int:
@@ -197,7 +199,7 @@ class ChatEngine:
     async def start(self, messages: list[dict[str, str]], params: SamplingParams
                     ) -> GenerationStream:
         """Queue a generation. Raises before anything streams if it cannot be served."""
-        if self._loop is None:
+        if not self._accepting:
             raise BackendUnavailable(f"model {self.model_id} is not running")
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
@@ -233,6 +235,7 @@ class ChatEngine:
         Use `await task_group.start(engine.run)`: it returns once the engine takes requests.
         """
         self._loop = asyncio.get_running_loop()
+        self._accepting = True
         task_status.started()
         try:
             while True:
@@ -246,13 +249,29 @@ class ChatEngine:
                                                limiter=self._device)
                 self._running = [s for s in self._running if not s.done]
         finally:
-            self._loop = None
+            self._accepting = False
             for seq in (*self._running, *self._waiting):
                 if not seq.done:
                     self._deliver(seq, BackendUnavailable("the server is shutting down"),
                                   "failed")
             self._running.clear()
             self._waiting.clear()
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self.running
+
+    def stop_all(self, error: InferenceError) -> None:
+        """End every generation at its next step, telling each consumer `error`; refuse new
+        ones. For shutdown, after the grace period."""
+        self._accepting = False
+        for seq in self._running:
+            if not seq.done:
+                seq.stop_error = error
+                seq.cancelled = True
+        while self._waiting:
+            self._deliver(self._waiting.popleft(), error, "failed")
+        self._arrival.set()  # end the current round at its next step
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self._max_running:
@@ -274,7 +293,10 @@ class ChatEngine:
             for seq in live:
                 if seq.cancelled:
                     seq.finish()
-                    post(self._end, seq, "cancelled")
+                    if seq.stop_error is not None:  # ended by stop_all: say why
+                        post(self._deliver, seq, seq.stop_error, "cancelled")
+                    else:
+                        post(self._end, seq, "cancelled")
                     continue
                 try:
                     delta = seq.step()

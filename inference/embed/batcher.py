@@ -95,6 +95,7 @@ class EmbeddingBatcher:
         self._seq = 0
         self._wakeup = anyio.Event()
         self._running = False
+        self._busy = False
         self._device = anyio.CapacityLimiter(1)
 
     @property
@@ -139,12 +140,26 @@ class EmbeddingBatcher:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
-                await self._run_batch(batch)
+                self._busy = True
+                try:
+                    await self._run_batch(batch)
+                finally:
+                    self._busy = False
         finally:
             self._running = False
             for item in self._queue:
                 item.job.fail(BackendUnavailable("the server is shutting down"))
             self._queue.clear()
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._busy
+
+    def stop_all(self, error: InferenceError) -> None:
+        """Fail everything still queued with `error` and refuse new work (shutdown)."""
+        self._running = False
+        while self._queue:
+            self._queue.popleft().job.fail(error)
 
     def _next_batch(self) -> list[_Item]:
         while self._queue and self._queue[0].job.cancelled:

@@ -26,7 +26,7 @@ def _rss_bytes() -> int | None:
 async def health() -> Response:
     state = app_state()
     models = [entry.describe() for entry in state.registry.entries.values()]
-    status = state.registry.overall_status()
+    status = state.status()
     body = {"status": status, "uptime_s": round(time.monotonic() - state.started, 3),
             "memory": {"rss_bytes": _rss_bytes(),
                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
@@ -43,7 +43,7 @@ async def live() -> Response:
 @bp.get("/health/ready")
 async def ready() -> Response:
     """Readiness: at least one model serves and none is still loading."""
-    status = app_state().registry.overall_status()
+    status = app_state().status()
     return json_response({"status": status}, 200 if status in ("ready", "degraded") else 503)
 
 

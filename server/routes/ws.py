@@ -32,11 +32,17 @@ async def chat_socket() -> None:
     session = SocketSession(state.chat, state.embeddings, send,
                             SocketLimits(max_message_bytes=settings.ws_max_message_bytes,
                                          max_conversations=settings.ws_max_conversations))
-    async with anyio.create_task_group() as tg, send:
-        tg.start_soon(_sender, outbox)
-        while True:
-            raw = await websocket.receive()
-            await session.dispatch(raw, tg)
+    with anyio.CancelScope() as connection:  # shutdown cancels it, after final events
+        state.sockets.add(connection)
+        try:
+            async with anyio.create_task_group() as tg, send:
+                tg.start_soon(_sender, outbox)
+                while True:
+                    raw = await websocket.receive()
+                    await session.dispatch(raw, tg)
+        finally:
+            state.sockets.discard(connection)
+    await websocket.close(1001, "the server is shutting down")
 
 
 async def _authenticate(keys: APIKeys) -> bool:
