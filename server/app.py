@@ -46,7 +46,9 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     for batcher in batchers or []:
         batcher.on_batch = batcher.on_batch or metrics.embedding_batch_observer(batcher.model_id)
     app.extensions["npugate"] = AppState(
-        settings=settings, registry=registry, chat=ChatService(registry, metrics),
+        settings=settings, registry=registry,
+        chat=ChatService(registry, metrics, max_messages=settings.max_messages,
+                         max_tokens_limit=settings.max_tokens_limit),
         embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs),
         metrics=metrics)
     for bp in (chat.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):

@@ -19,6 +19,25 @@ DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
+# (flag, environment variable, default, meaning): the limits of section "Limits" in the README
+LIMIT_FLAGS = (
+    ("--max-body-bytes", "NPUGATE_MAX_BODY_BYTES", 4 * 1024 * 1024, "request body size (413)"),
+    ("--max-messages", "NPUGATE_MAX_MESSAGES", 256, "messages per chat request (413)"),
+    ("--max-tokens-limit", "NPUGATE_MAX_TOKENS_LIMIT", 4096,
+     "largest max_tokens, and the default when a request omits it (413 above)"),
+    ("--max-running", "NPUGATE_MAX_RUNNING", 8, "generations decoding at once per model"),
+    ("--max-waiting", "NPUGATE_MAX_WAITING", 32, "generations queued per model (429 above)"),
+    ("--max-embedding-inputs", "NPUGATE_MAX_EMBEDDING_INPUTS", 2048,
+     "inputs per embedding request (413)"),
+    ("--embedding-max-queued", "NPUGATE_EMBEDDING_MAX_QUEUED", 2048,
+     "embedding inputs queued per model (429 above)"),
+    ("--ws-max-message-bytes", "NPUGATE_WS_MAX_MESSAGE_BYTES", 1024 * 1024,
+     "WebSocket message size (error event above)"),
+    ("--ws-max-conversations", "NPUGATE_WS_MAX_CONVERSATIONS", 16,
+     "conversations at once per WebSocket"),
+)
+
+
 def _buckets(text: str) -> tuple[tuple[int, int], ...]:
     """Parse "1x32,4x64" into ((1, 32), (4, 64))."""
     try:
@@ -80,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(NPUGATE_QNN_MAX_BATCH, default 8)")
     serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
+    for flag, env, default, text in LIMIT_FLAGS:
+        serve.add_argument(flag, type=int, default=int(os.environ.get(env, default)),
+                           help=f"{text} ({env}, default {default})")
     serve.add_argument("--shutdown-grace", type=float,
                        default=float(os.environ.get("NPUGATE_SHUTDOWN_GRACE", "30")),
                        help="seconds in-flight requests may run on after SIGTERM "
@@ -175,6 +197,14 @@ def _serve(args: argparse.Namespace) -> int:
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
                         shutdown_grace_s=args.shutdown_grace,
+                        max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+                        max_tokens_limit=args.max_tokens_limit,
+                        max_running_per_model=args.max_running,
+                        max_waiting_per_model=args.max_waiting,
+                        embedding_max_inputs=args.max_embedding_inputs,
+                        embedding_max_queued=args.embedding_max_queued,
+                        ws_max_message_bytes=args.ws_max_message_bytes,
+                        ws_max_conversations=args.ws_max_conversations,
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
                         embedding_device=args.embedding_device,

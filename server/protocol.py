@@ -17,7 +17,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # strict: JSON types must be right ("yes" is no boolean, "1" no number), as OpenAI checks
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class ChatMessage(_Lenient):

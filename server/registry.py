@@ -39,6 +39,7 @@ class EngineLimits:
 
     max_running: int = 8
     max_waiting: int = 32
+    max_tokens_limit: int = 4096
     embedding_device: str = "auto"
     embedding_max_batch: int = 32
     embedding_batch_tokens: int = 16384
@@ -198,7 +199,8 @@ class ModelRegistry:
         if entry.task == "chat":
             model = ChatModel.load(entry.path, model_id=entry.id)
             entry.chat = ChatEngine(model, max_running=limits.max_running,
-                                    max_waiting=limits.max_waiting)
+                                    max_waiting=limits.max_waiting,
+                                    default_max_tokens=limits.max_tokens_limit)
             return
         cache = limits.qnn_cache_dir / entry.id if limits.qnn_cache_dir else None
         emb = EmbeddingModel.load(entry.path, model_id=entry.id,

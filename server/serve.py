@@ -35,6 +35,9 @@ def hypercorn_config(settings: Settings) -> Config:
     config.accesslog = logging.getLogger("hypercorn.access") if verbose else None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.websocket_ping_interval = settings.ws_ping_interval_s
+    # Idle keep-alive connections close; a response that is still streaming never does
+    # (no read timeout: an SSE client sends nothing while it listens).
+    config.keep_alive_timeout = settings.keep_alive_timeout_s
     # Past this the frame is a protocol violation (close 1009); below it, messages over
     # ws_max_message_bytes get an error event and the socket stays open.
     config.websocket_max_message_size = 16 * 1024 * 1024

@@ -13,6 +13,7 @@ from typing import Any
 
 from inference.chat.engine import ChatDelta
 from inference.chat.sampling import SamplingParams
+from server.errors import APIError
 from server.metrics import MeteredStream, Metrics
 from server.protocol import ChatCompletionRequest
 from server.registry import ModelRegistry
@@ -63,13 +64,25 @@ class ChunkWriter:
 class ChatService:
     """Serves `/v1/chat/completions` from the registry's engines."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, *, max_messages: int = 256,
+                 max_tokens_limit: int = 4096) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._max_messages = max_messages
+        self._max_tokens_limit = max_tokens_limit
 
     async def start(self, req: ChatCompletionRequest, endpoint: str) -> MeteredStream:
         """Validate and queue a request. Every error is raised here, before any response."""
         req.check_supported()
+        if len(req.messages) > self._max_messages:
+            raise APIError(413, f"{len(req.messages)} messages; this server accepts at most "
+                           f"{self._max_messages} per request", param="messages",
+                           code="too_many_messages")
+        limit = req.completion_limit()
+        if limit is not None and limit > self._max_tokens_limit:
+            raise APIError(413, f"max_tokens {limit} exceeds this server's limit of "
+                           f"{self._max_tokens_limit}", param="max_tokens",
+                           code="max_tokens_too_large")
         engine = self._registry.chat_engine(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]

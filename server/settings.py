@@ -30,6 +30,9 @@ class Settings:
     max_running_per_model: int = 8
     max_waiting_per_model: int = 32
     max_body_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 256  # per chat request
+    max_tokens_limit: int = 4096  # cap on max_tokens, and the default when a request omits it
+    keep_alive_timeout_s: float = 5.0  # idle HTTP connections close after this
     sse_ping_interval_s: float = 15.0
     ws_max_message_bytes: int = 1024 * 1024  # larger messages get an error event
     ws_max_conversations: int = 16  # per socket
@@ -43,6 +46,7 @@ class Settings:
     def limits(self) -> EngineLimits:
         return EngineLimits(
             max_running=self.max_running_per_model, max_waiting=self.max_waiting_per_model,
+            max_tokens_limit=self.max_tokens_limit,
             embedding_device=self.embedding_device, embedding_max_batch=self.embedding_max_batch,
             embedding_batch_tokens=self.embedding_batch_tokens,
             embedding_max_queued=self.embedding_max_queued,

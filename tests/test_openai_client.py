@@ -68,9 +68,13 @@ def test_errors_surface_as_sdk_exceptions(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=FRANCE)  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "word " * 9000}])
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.APIStatusError) as too_many:
         client.chat.completions.create(model=SMOL, messages=FRANCE,  # type: ignore[arg-type]
                                        max_tokens=10**6)
-    assert err.value.code == "context_length_exceeded"
+    assert too_many.value.status_code == 413
 
 
 def test_phi3_layout_served_alongside(client: openai.OpenAI) -> None:

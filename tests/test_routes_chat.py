@@ -77,7 +77,8 @@ async def test_non_streamed_completion(app: Quart) -> None:
     ({"model": "nope", "messages": HELLO}, 404, "model_not_found"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400,
      "context_length_exceeded"),
-    ({"model": MODEL, "messages": HELLO, "max_tokens": 10**6}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "messages": HELLO, "max_tokens": 4090}, 400, "context_length_exceeded"),
+    ({"model": MODEL, "messages": HELLO, "max_tokens": 10**6}, 413, "max_tokens_too_large"),
     ({"model": MODEL, "messages": "hello"}, 400, None),
     ({"model": MODEL}, 400, None),
 ])

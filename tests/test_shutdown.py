@@ -16,11 +16,13 @@ from websockets.sync.client import connect
 from tests.conftest import LiveServer
 
 SMOL = "smollm2-135m-instruct"
+# Greedy counting runs far longer than the grace period, where a story may end early.
+COUNT = [{"role": "user", "content": "Count from 1 to 10000, separated by commas."}]
 
 
 def _stream(base: str, max_tokens: int, out: list[str]) -> None:
-    body = {"model": SMOL, "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
-            "messages": [{"role": "user", "content": "Write a long story about ships."}]}
+    body = {"model": SMOL, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "messages": COUNT}
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: "):
@@ -30,8 +32,7 @@ def _stream(base: str, max_tokens: int, out: list[str]) -> None:
 def _socket(base: str, out: list[dict[str, Any]], close_codes: list[int]) -> None:
     with connect(base.replace("http", "ws", 1) + "/v1/ws") as ws:
         ws.send(json.dumps({"type": "chat.create", "id": "w", "request": {
-            "model": SMOL, "max_tokens": 3000,
-            "messages": [{"role": "user", "content": "Tell me everything about rivers."}]}}))
+            "model": SMOL, "max_tokens": 4000, "temperature": 0, "messages": COUNT}}))
         while True:
             try:
                 msg = json.loads(ws.recv(timeout=60))
@@ -44,12 +45,12 @@ def _socket(base: str, out: list[dict[str, Any]], close_codes: list[int]) -> Non
 def test_sigterm_drains_then_ends_streams_cleanly(smollm2_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     server = LiveServer(chat=[smollm2_dir], embedding=[], log=log,
-                        extra=["--shutdown-grace", "1.5", "--log-level", "info"])
+                        extra=["--shutdown-grace", "4", "--log-level", "info"])
     long_sse: list[str] = []
     short_sse: list[str] = []
     ws_msgs: list[dict[str, Any]] = []
     close_codes: list[int] = []
-    threads = [threading.Thread(target=_stream, args=(server.base_url, 3000, long_sse)),
+    threads = [threading.Thread(target=_stream, args=(server.base_url, 4000, long_sse)),
                threading.Thread(target=_socket, args=(server.base_url, ws_msgs, close_codes))]
     for t in threads:
         t.start()
@@ -57,7 +58,7 @@ def test_sigterm_drains_then_ends_streams_cleanly(smollm2_dir: Path, tmp_path: P
     while len(long_sse) < 10 or len(ws_msgs) < 10:
         assert time.monotonic() < deadline, "streams did not start"
         time.sleep(0.02)
-    short = threading.Thread(target=_stream, args=(server.base_url, 20, short_sse))
+    short = threading.Thread(target=_stream, args=(server.base_url, 10, short_sse))
     short.start()
     while not short_sse:
         time.sleep(0.01)

@@ -172,13 +172,14 @@ class ChatEngine:
     """
 
     def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 32,
-                 round_s: float = 0.25) -> None:
+                 round_s: float = 0.25, default_max_tokens: int | None = None) -> None:
         self.model = model
         self.model_id = model.spec.model_id
         self.stats = EngineStats()
         self._max_running = max_running
         self._max_waiting = max_waiting
         self._round_s = round_s
+        self._default_max_tokens = default_max_tokens  # when a request sets none
         self._running: list[_Sequence] = []
         self._waiting: deque[_Sequence] = deque()
         self._device = anyio.CapacityLimiter(1)
@@ -218,7 +219,8 @@ class ChatEngine:
         if len(self._waiting) >= self._max_waiting:
             raise Overloaded(f"model {self.model_id} has {len(self._waiting)} requests waiting; "
                              "retry later", retry_after_s=1.0)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        max_tokens = params.max_tokens if params.max_tokens is not None else \
+            min(room, self._default_max_tokens or room)
         send, receive = anyio.create_memory_object_stream[ChatDelta | InferenceError](
             max_buffer_size=max_tokens + 2)  # one item per step at most: bounded by max_tokens
         seq = _Sequence(self.model, prompt_ids, params, max_tokens, send)

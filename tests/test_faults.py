@@ -1,0 +1,49 @@
+"""Faults at start-up: a missing or corrupt model is reported as failed while the rest serve."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import httpx
+import openai
+
+from tests.conftest import LiveServer
+
+
+def test_corrupt_and_missing_models_fail_alone(phi3_dir: Path, minilm_dir: Path,
+                                               tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt-chat"
+    shutil.copytree(phi3_dir, corrupt)
+    (corrupt / "model.onnx").write_bytes(b"\x00garbage")
+    (corrupt / "npugate-manifest.json").unlink()
+    emptied = tmp_path / "emptied-embedder"
+    emptied.mkdir()
+    server = LiveServer(chat=[phi3_dir, corrupt], embedding=[minilm_dir, emptied],
+                        log=tmp_path / "server.log")
+    try:
+        health = server.health()
+        assert health["status"] == "degraded"
+        models = {m["id"]: m for m in health["models"]}
+        assert models["corrupt-chat"]["status"] == "failed"
+        assert "onnxruntime could not load" in models["corrupt-chat"]["error"]
+        assert models["emptied-embedder"]["status"] == "failed"
+        assert "model.onnx" in models["emptied-embedder"]["error"]
+        assert models["phi3-tiny-random"]["status"] == "ready"
+        assert models["all-minilm-l6-v2"]["status"] == "ready"
+        assert httpx.get(server.base_url + "/health/ready").status_code == 200
+
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0)
+        ok = client.chat.completions.create(model="phi3-tiny-random", max_tokens=2,
+                                            messages=[{"role": "user", "content": "hi"}])
+        assert ok.usage is not None and ok.usage.completion_tokens == 2
+        try:
+            client.chat.completions.create(model="corrupt-chat", max_tokens=2,
+                                           messages=[{"role": "user", "content": "hi"}])
+        except openai.APIStatusError as err:
+            assert err.status_code == 503 and "failed to load" in err.message
+        else:
+            raise AssertionError("a failed model answered")
+        assert [m.id for m in client.models.list()] == ["phi3-tiny-random", "all-minilm-l6-v2"]
+    finally:
+        server.stop()

@@ -1,0 +1,113 @@
+"""Limits and hostile input over HTTP: every case is a 4xx with the OpenAI error body."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+from quart import Quart
+
+from inference.chat.engine import ChatEngine
+from inference.chat.model import ChatModel
+from inference.embed.batcher import EmbeddingBatcher
+from inference.embed.model import EmbeddingModel
+from server.app import create_app
+from server.settings import Settings
+
+pytestmark = pytest.mark.anyio
+CHAT = "phi3-tiny-random"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+async def app(phi3: ChatModel, bert_tiny: EmbeddingModel) -> AsyncIterator[Quart]:
+    settings = Settings(max_messages=4, max_tokens_limit=64, max_body_bytes=256 * 1024)
+    app = create_app(settings, engines=[ChatEngine(phi3, max_running=1, max_waiting=1,
+                                                   default_max_tokens=64)],
+                     batchers=[EmbeddingBatcher(bert_tiny)])
+    async with app.test_app():
+        yield app
+
+
+def _check_error(status: int, body: Any, want: int) -> None:
+    assert status == want, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_message_and_token_limits(app: Quart) -> None:
+    client = app.test_client()
+    resp = await client.post("/v1/chat/completions", json={"model": CHAT,
+                                                           "messages": HELLO * 5})
+    _check_error(resp.status_code, await resp.get_json(), 413)
+    assert (await resp.get_json())["error"]["code"] == "too_many_messages"
+    resp = await client.post("/v1/chat/completions", json={"model": CHAT, "messages": HELLO,
+                                                           "max_tokens": 65})
+    assert (await resp.get_json())["error"]["code"] == "max_tokens_too_large"
+    resp = await client.post("/v1/chat/completions", json={"model": CHAT, "messages": HELLO,
+                                                           "temperature": 0})
+    body = await resp.get_json()  # no max_tokens: bounded by the server's limit
+    assert body["usage"]["completion_tokens"] <= 64
+
+
+async def test_full_queue_is_429_with_retry_after(app: Quart) -> None:
+    client = app.test_client()
+    long = {"model": CHAT, "messages": HELLO, "max_tokens": 64, "stream": True}
+
+    async def post() -> None:
+        await client.post("/v1/chat/completions", json=long)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(post)
+        tg.start_soon(post)
+        engine = app.extensions["npugate"].registry.entries[CHAT].chat
+        with anyio.fail_after(10):
+            while engine.waiting < 1:  # noqa: ASYNC110 - observing the engine
+                await anyio.sleep(0.005)
+        resp = await client.post("/v1/chat/completions", json=long)
+        _check_error(resp.status_code, await resp.get_json(), 429)
+        assert int(resp.headers["Retry-After"]) >= 1
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    (b"[" * 5000 + b"]" * 5000, 400),  # deep nesting
+    (b'{"model": "x", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
+    (b'{"model": "x", "messages": "' + b"\xc3\x28" + b'"}', 400),  # invalid UTF-8
+    (b'{"model": 1e400}', 400),
+    (b'{"model": "' + b"a" * 300_000 + b'"}', 413),  # over the body limit
+    (b"\x00\x01\x02", 400),
+    (b"", 400),
+])
+async def test_malformed_bodies(app: Quart, raw: bytes, want: int) -> None:
+    for path in ("/v1/chat/completions", "/v1/embeddings"):
+        resp = await app.test_client().post(path, data=raw,
+                                            headers={"Content-Type": "application/json"})
+        _check_error(resp.status_code, await resp.get_json(), want)
+
+
+@pytest.mark.parametrize("fields", [
+    {"max_tokens": 0}, {"max_tokens": -1}, {"max_tokens": 10**30}, {"temperature": -1},
+    {"temperature": 1e308}, {"top_p": 0}, {"top_p": 2}, {"top_k": -5}, {"n": 0},
+    {"presence_penalty": 3}, {"frequency_penalty": -9e99}, {"seed": "abc"},
+    {"stop": [1, 2]}, {"messages": [{"role": "user", "content": 5}]},
+    {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    {"stream": "yes"}, {"max_completion_tokens": 10**9},
+])
+async def test_bad_numbers_and_types_in_chat(app: Quart, fields: dict[str, Any]) -> None:
+    body = {"model": CHAT, "messages": HELLO, **fields}
+    resp = await app.test_client().post("/v1/chat/completions", json=body)
+    status = resp.status_code
+    assert status in (400, 413), (fields, status)
+    _check_error(status, await resp.get_json(), status)
+
+
+@pytest.mark.parametrize("fields", [
+    {"input": [[-1]]}, {"input": [[10**12]]}, {"input": [0.5]}, {"dimensions": 0},
+    {"dimensions": -3}, {"input": None}, {"input": {"text": "x"}},
+])
+async def test_bad_embedding_inputs(app: Quart, fields: dict[str, Any]) -> None:
+    body = {"model": "bert-tiny-cls-random", "input": "x", **fields}
+    resp = await app.test_client().post("/v1/embeddings", json=body)
+    _check_error(resp.status_code, await resp.get_json(), 400)
