@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import time
 
@@ -28,6 +29,7 @@ async def health() -> Response:
     models = [entry.describe() for entry in state.registry.entries.values()]
     status = state.status()
     body = {"status": status, "uptime_s": round(time.monotonic() - state.started, 3),
+            "tasks": len(asyncio.all_tasks()),  # leak check: returns to its idle level
             "memory": {"rss_bytes": _rss_bytes(),
                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             "models": models}
