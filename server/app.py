@@ -67,7 +67,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     return app
 
 
-OPEN_PATHS = ("/", "/favicon.ico")
+OPEN_PATHS = ("/", "/favicon.ico", "/openapi.json")
 HEALTH_PATHS = ("/health", "/health/live", "/health/ready", "/metrics")
 
 

@@ -1,4 +1,4 @@
-"""`GET /v1/models` and `GET /v1/models/<id>`: the models that are ready to serve."""
+"""`GET /v1/models`, `GET /v1/models/<id>` (the models ready to serve) and `/openapi.json`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from typing import Any
 from quart import Blueprint, Response
 
 from server.errors import model_not_found
+from server.openapi import openapi_document
 from server.registry import ModelEntry
 from server.responses import json_response
 from server.state import app_state
 
 bp = Blueprint("models", __name__)
+OPENAPI = openapi_document()
 
 
 def _model_object(entry: ModelEntry) -> dict[str, Any]:
@@ -21,6 +23,12 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
     if entry.embedding is not None:
         obj["qnn_device"] = entry.embedding.model.session.qnn_kind
     return obj
+
+
+@bp.get("/openapi.json")
+async def openapi() -> Response:
+    """The OpenAPI document of the HTTP API."""
+    return json_response(OPENAPI)
 
 
 @bp.get("/v1/models")

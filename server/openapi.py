@@ -1,0 +1,76 @@
+"""The OpenAPI 3.1 document of npugate's HTTP API, built from the same pydantic models that
+validate requests, so the document cannot drift from what the server accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.protocol import ChatCompletionRequest, EmbeddingRequest
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): {"description": "OpenAI-style error",
+                     "content": {"application/json": {"schema": ERROR}}} for c in codes}
+
+
+def _json(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _post(summary: str, schema: str, ok: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+        "responses": {"200": ok, **_errors(400, 401, 404, 413, 429, 503)}}}
+
+
+def _get(summary: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}}
+
+
+def openapi_document() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in (ChatCompletionRequest, EmbeddingRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]},
+                       "code": {"type": ["string", "null"]}}}}}
+    chat_ok = {"description": "A chat.completion, or with stream=true an SSE stream of "
+                              "chat.completion.chunk events ending in data: [DONE]",
+               "content": {"application/json": {"schema": {"type": "object"}},
+                           "text/event-stream": {"schema": {"type": "string"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "npugate", "version": "0.1.0",
+                 "description": "OpenAI-compatible local inference (chat and embeddings). "
+                                "WebSocket protocol at /v1/ws: see the README."},
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/v1/chat/completions": _post("Chat completion", "ChatCompletionRequest", chat_ok),
+            "/v1/embeddings": _post("Embeddings", "EmbeddingRequest",
+                                    _json("A list of embedding objects")),
+            "/v1/models": _get("Models ready to serve", _json("A list of models"), 401),
+            "/v1/models/{model_id}": {"get": {
+                "summary": "One model",
+                "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json("A model"), **_errors(401, 404)}}},
+            "/health": _get("Status, models, uptime, memory", _json("Health"), 503),
+            "/health/live": _get("Liveness probe", _json("Alive")),
+            "/health/ready": _get("Readiness probe", _json("Ready"), 503),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": _get("This document", _json("OpenAPI 3.1")),
+        },
+    }
