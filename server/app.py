@@ -37,6 +37,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     `settings`' model folders, which are otherwise loaded in the background after start-up."""
     app = Quart("npugate", static_folder=None)  # the web blueprint serves clients/web
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = settings.body_timeout_s  # slow senders get 408
     if engines is not None or batchers is not None:
         registry = ModelRegistry.from_engines(engines or [], batchers or [])
     else:
@@ -147,7 +148,7 @@ def _register_error_handlers(app: Quart) -> None:
     async def http_error(err: HTTPException) -> Response:
         status = err.code or 500
         kind = "invalid_request_error" if status < 500 else "server_error"
-        code = {404: "not_found", 405: "method_not_allowed",
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
                 413: "payload_too_large"}.get(status)
         return await api_error(APIError(status, err.description or err.name, type=kind,
                                         code=code))

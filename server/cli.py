@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     for flag, env, default, text in LIMIT_FLAGS:
         serve.add_argument(flag, type=int, default=int(os.environ.get(env, default)),
                            help=f"{text} ({env}, default {default})")
+    serve.add_argument("--body-timeout", type=float,
+                       default=float(os.environ.get("NPUGATE_BODY_TIMEOUT", "30")),
+                       help="seconds a request body may take to arrive, 408 after "
+                       "(NPUGATE_BODY_TIMEOUT, default 30)")
     serve.add_argument("--shutdown-grace", type=float,
                        default=float(os.environ.get("NPUGATE_SHUTDOWN_GRACE", "30")),
                        help="seconds in-flight requests may run on after SIGTERM "
@@ -196,7 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
-                        shutdown_grace_s=args.shutdown_grace,
+                        shutdown_grace_s=args.shutdown_grace, body_timeout_s=args.body_timeout,
                         max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                         max_tokens_limit=args.max_tokens_limit,
                         max_running_per_model=args.max_running,

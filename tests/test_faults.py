@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -45,5 +47,40 @@ def test_corrupt_and_missing_models_fail_alone(phi3_dir: Path, minilm_dir: Path,
         else:
             raise AssertionError("a failed model answered")
         assert [m.id for m in client.models.list()] == ["phi3-tiny-random", "all-minilm-l6-v2"]
+    finally:
+        server.stop()
+
+
+def _trickle(port: int, parts: list[bytes], pause: float) -> tuple[float, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(20)
+    started = time.monotonic()
+    try:
+        for part in parts:
+            sock.sendall(part)
+            time.sleep(pause)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server hung up; whatever it said first is still readable
+    try:
+        return time.monotonic() - started, sock.recv(4096)
+    except (ConnectionResetError, TimeoutError):
+        return time.monotonic() - started, b""
+    finally:
+        sock.close()
+
+
+def test_slow_clients_are_cut_off(phi3_dir: Path, tmp_path: Path) -> None:
+    server = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "server.log",
+                        extra=["--body-timeout", "2"])
+    try:
+        # headers one byte a second: the 5 s keep-alive timer closes the connection
+        elapsed, data = _trickle(server.port, [b"P", b"O", b"S", b"T", b" "] + [b"/"] * 15, 1.0)
+        assert elapsed < 9 and data == b""
+        # headers complete, body trickling: 408 with the OpenAI error body after 2 s
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                b"application/json\r\nContent-Length: 500\r\n\r\n")
+        elapsed, data = _trickle(server.port, [head] + [b" "] * 6, 0.5)
+        assert data.startswith(b"HTTP/1.1 408"), data[:80]
+        assert b'"code":"request_timeout"' in data
     finally:
         server.stop()
