@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from types import TracebackType
 
-import anyio
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from inference.chat.engine import ChatDelta, GenerationStream
+from inference.chat.engine import ChatDelta, DeltaStream, GenerationStream
 from server.registry import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,7 +74,7 @@ class BatchObserver:
         self._seconds.observe(seconds)
 
 
-class MeteredStream:
+class MeteredStream(DeltaStream):
     """A `GenerationStream` that records TTFT, inter-token, queue and end-to-end latency."""
 
     def __init__(self, stream: GenerationStream, metrics: Metrics, model: str,
@@ -103,28 +101,12 @@ class MeteredStream:
         self._last = now
         return delta
 
-    def __aiter__(self) -> MeteredStream:
-        return self
-
-    async def __anext__(self) -> ChatDelta:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._m.e2e.labels(self._model, self._endpoint).observe(
                 time.perf_counter() - self._started)
         self._stream.close()
-
-    async def __aenter__(self) -> MeteredStream:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 class _EngineStats(Collector):

@@ -112,12 +112,38 @@ class _Sequence:
         return self._stops.push(self._detok.flush()) + self._stops.flush()
 
 
-class GenerationStream:
-    """The consumer's end of one generation: an async iterator of `ChatDelta`.
+class DeltaStream:
+    """An async iterator and context manager of `ChatDelta`s over `receive()` and `close()`:
+    leaving the `async with` block, by cancellation too, closes the stream."""
 
-    Use it as an async context manager; leaving the block (including by cancellation) stops
-    the generation at its next decode step.
-    """
+    prompt_tokens: int
+
+    async def receive(self) -> ChatDelta:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __aiter__(self) -> DeltaStream:
+        return self
+
+    async def __anext__(self) -> ChatDelta:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> DeltaStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class GenerationStream(DeltaStream):
+    """The consumer's end of one generation. Closing it stops the generation at its next
+    decode step."""
 
     def __init__(self, seq: _Sequence,
                  receive: MemoryObjectReceiveStream[ChatDelta | InferenceError]) -> None:
@@ -139,26 +165,10 @@ class GenerationStream:
             raise item
         return item
 
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> ChatDelta:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
     def close(self) -> None:
         """Stop listening; the scheduler drops the sequence before its next step."""
         self._seq.cancelled = True
         self._receive.close()
-
-    async def __aenter__(self) -> GenerationStream:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 class ChatEngine:
