@@ -1,0 +1,106 @@
+"""How chat decoding shares the device: per-stream and aggregate tokens/s, and TTFT, against
+the number of concurrent SSE streams on `npugate serve`. Concurrency 1 is the baseline in the
+same run. It is the measurement behind the default of --max-running.
+Results go to benchmarks/results/chat_concurrency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.chat_stream import MESSAGES, _free_port  # noqa: E402
+from inference.prepare import default_models_dir  # noqa: E402
+
+LEVELS = (1, 2, 4, 8, 16)
+
+
+def one_stream(url: str, model: str, max_tokens: int, out: list[dict[str, float]]) -> None:
+    body = {"model": model, "messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    with httpx.stream("POST", url, json=body, timeout=300) as resp:
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    out.append({"ttft_s": first - t0, "tok_s": (tokens - 1) / max(last - first, 1e-9),
+                "tokens": tokens, "end_s": last - t0})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path,
+                    default=default_models_dir() / "smollm2-135m-instruct")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--out", type=Path,
+                    default=REPO / "benchmarks/results/chat_concurrency.json")
+    args = ap.parse_args()
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
+                               "--log-level", "warning", "--max-running", str(max(LEVELS)),
+                               "--chat-model", str(args.model)], cwd=REPO)
+    base = f"http://127.0.0.1:{port}"
+    results = {}
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
+        one_stream(base + "/v1/chat/completions", model, 16, [])  # warm-up
+        for level in LEVELS:
+            time.sleep(0.5)
+            runs: list[dict[str, float]] = []
+            threads = [threading.Thread(target=one_stream, args=(
+                base + "/v1/chat/completions", model, args.max_tokens, runs))
+                for _ in range(level)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+            results[str(level)] = {
+                "per_stream_tok_s_p50": statistics.median(r["tok_s"] for r in runs),
+                "aggregate_tok_s": sum(r["tokens"] for r in runs) / wall,
+                "ttft_s_p50": statistics.median(r["ttft_s"] for r in runs),
+                "ttft_s_max": max(r["ttft_s"] for r in runs)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "chat_concurrency", "model": str(args.model),
+                                    "max_tokens": args.max_tokens, "levels": results},
+                                   indent=2) + "\n")
+    print(f"{'streams':>7} {'per-stream tok/s':>17} {'aggregate tok/s':>16} "
+          f"{'TTFT p50 ms':>12} {'TTFT max ms':>12}")
+    for level, r in results.items():
+        print(f"{level:>7} {r['per_stream_tok_s_p50']:>17.1f} {r['aggregate_tok_s']:>16.1f} "
+              f"{r['ttft_s_p50'] * 1e3:>12.0f} {r['ttft_s_max'] * 1e3:>12.0f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
