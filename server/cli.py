@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     for flag, env, default, text in LIMIT_FLAGS:
         serve.add_argument(flag, type=int, default=int(os.environ.get(env, default)),
                            help=f"{text} ({env}, default {default})")
+    serve.add_argument("--keep-alive-timeout", type=float,
+                       default=float(os.environ.get("NPUGATE_KEEP_ALIVE_TIMEOUT", "15")),
+                       help="seconds an idle connection stays open; keep it above your "
+                       "clients' idle expiry (NPUGATE_KEEP_ALIVE_TIMEOUT, default 15)")
     serve.add_argument("--body-timeout", type=float,
                        default=float(os.environ.get("NPUGATE_BODY_TIMEOUT", "30")),
                        help="seconds a request body may take to arrive, 408 after "
@@ -201,6 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
                         shutdown_grace_s=args.shutdown_grace, body_timeout_s=args.body_timeout,
+                        keep_alive_timeout_s=args.keep_alive_timeout,
                         max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                         max_tokens_limit=args.max_tokens_limit,
                         max_running_per_model=args.max_running,

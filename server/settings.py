@@ -32,7 +32,9 @@ class Settings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_messages: int = 256  # per chat request
     max_tokens_limit: int = 4096  # cap on max_tokens, and the default when a request omits it
-    keep_alive_timeout_s: float = 5.0  # idle HTTP connections (and slow headers) close then
+    # Idle connections (and trickled headers) close after this. Above the 5 s idle expiry of
+    # httpx and the OpenAI SDKs, so a client never reuses a connection the server is closing.
+    keep_alive_timeout_s: float = 15.0
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 otherwise)
     sse_ping_interval_s: float = 15.0
     ws_max_message_bytes: int = 1024 * 1024  # larger messages get an error event

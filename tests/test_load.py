@@ -25,12 +25,13 @@ CHAT = "smollm2-135m-instruct"
 PROMPTS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
            "Say something about the sea."]
 MEMORY_GROWTH_LIMIT = 300 * 1024 * 1024
-KEEP_ALIVE_REAP_S = 6.0  # Hypercorn's keep-alive timeout is 5 s
+KEEP_ALIVE_REAP_S = 4.0  # the server's keep-alive timeout is 3 s in this test
 
 
 def test_load_embeddings_and_chats(smollm2_dir: Path, minilm_dir: Path,
                                    minilm: EmbeddingModel, tmp_path: Path) -> None:
-    server = LiveServer(chat=[smollm2_dir], embedding=[minilm_dir], log=tmp_path / "s.log")
+    server = LiveServer(chat=[smollm2_dir], embedding=[minilm_dir], log=tmp_path / "s.log",
+                        extra=["--keep-alive-timeout", "3"])
     try:
         texts = [f"load text {i}: {' '.join(random.Random(i).sample(PROMPTS[3].split(), 4))}"
                  for i in range(200)]
@@ -41,7 +42,7 @@ def test_load_embeddings_and_chats(smollm2_dir: Path, minilm_dir: Path,
                 "temperature": 0, "max_tokens": 12}).json()["choices"][0]["message"]["content"]
                 for p in PROMPTS}
         # One persistent connection for every health read: each new connection leaves
-        # Hypercorn connection tasks behind until its 5 s keep-alive timer reaps them.
+        # Hypercorn connection tasks behind until its keep-alive timer reaps them.
         monitor = httpx.Client(base_url=server.base_url, timeout=10)
         time.sleep(KEEP_ALIVE_REAP_S)
         baseline = monitor.get("/health").json()
@@ -70,7 +71,10 @@ def test_load_embeddings_and_chats(smollm2_dir: Path, minilm_dir: Path,
 
 async def _drive(base: str, texts: list[str], expected: dict[str, np.ndarray],
                  greedy: dict[str, str], results: dict[str, Any]) -> None:
-    limits = httpx.Limits(max_connections=80, max_keepalive_connections=80)
+    # Idle connections expire client-side before the server's 3 s keep-alive closes them, as a
+    # well-configured client does; otherwise a reused connection can race the server's close.
+    limits = httpx.Limits(max_connections=80, max_keepalive_connections=80,
+                          keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         embed_jobs = list(range(2000))
         chat_jobs = list(range(100))
