@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -20,7 +19,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.chat_stream import MESSAGES, _free_port  # noqa: E402
+from benchmarks.chat_stream import MESSAGES  # noqa: E402
+from benchmarks.served import served  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16)
@@ -54,19 +54,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path,
                     default=REPO / "benchmarks/results/chat_concurrency.json")
     args = ap.parse_args()
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                               "--log-level", "warning", "--max-running", str(max(LEVELS)),
-                               "--chat-model", str(args.model)], cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
     results = {}
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with served("--max-running", str(max(LEVELS)), "--chat-model", str(args.model)) as base:
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         one_stream(base + "/v1/chat/completions", model, 16, [])  # warm-up
         for level in LEVELS:
@@ -86,17 +75,14 @@ def main() -> int:
                 "aggregate_tok_s": sum(r["tokens"] for r in runs) / wall,
                 "ttft_s_p50": statistics.median(r["ttft_s"] for r in runs),
                 "ttft_s_max": max(r["ttft_s"] for r in runs)}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "chat_concurrency", "model": str(args.model),
                                     "max_tokens": args.max_tokens, "levels": results},
                                    indent=2) + "\n")
     print(f"{'streams':>7} {'per-stream tok/s':>17} {'aggregate tok/s':>16} "
           f"{'TTFT p50 ms':>12} {'TTFT max ms':>12}")
-    for level, r in results.items():
-        print(f"{level:>7} {r['per_stream_tok_s_p50']:>17.1f} {r['aggregate_tok_s']:>16.1f} "
+    for streams, r in results.items():
+        print(f"{streams:>7} {r['per_stream_tok_s_p50']:>17.1f} {r['aggregate_tok_s']:>16.1f} "
               f"{r['ttft_s_p50'] * 1e3:>12.0f} {r['ttft_s_max'] * 1e3:>12.0f}")
     print(f"wrote {args.out}")
     return 0

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.served import served  # noqa: E402
 from inference.chat.engine import ChatEngine  # noqa: E402
 from inference.chat.model import ChatModel  # noqa: E402
 from inference.chat.sampling import SamplingParams  # noqa: E402
@@ -94,12 +93,6 @@ def sse_run(client: httpx.Client, url: str, model_id: str, max_tokens: int) -> d
             "tokens": tokens}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _median(runs: list[dict[str, float]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
@@ -113,25 +106,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/chat_stream.json")
     args = ap.parse_args()
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                               "--log-level", "warning", "--chat-model", str(args.model)],
-                              cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(timeout=120) as client:
-            for _ in range(300):
-                try:
-                    if client.get(url + "/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            model_id = client.get(url + "/v1/models").json()["data"][0]["id"]
-            results = anyio.run(_measure, args, client, url + "/v1/chat/completions", model_id)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with served("--chat-model", str(args.model)) as base, \
+            httpx.Client(timeout=120) as client:
+        model_id = client.get(base + "/v1/models").json()["data"][0]["id"]
+        results = anyio.run(_measure, args, client, base + "/v1/chat/completions", model_id)
 
     summary = {name: {"ttft_ms_p50": _median(runs, "ttft_ms"),
                       "decode_tok_s_p50": _median(runs, "decode_tok_s"),

@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.chat_stream import _free_port  # noqa: E402
+from benchmarks.served import served  # noqa: E402
 from inference.embed.model import EmbeddingModel  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 
@@ -131,19 +131,8 @@ def wrk_load(base: str, model_id: str, texts: list[str], concurrency: int, secon
 
 def serve_and_measure(model_dir: Path, extra: list[str], texts: list[str], per_level: int,
                       use_wrk: bool, seconds: int, workdir: Path) -> tuple[dict[str, Any], str]:
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                               "--log-level", "warning", "--embedding-model", str(model_dir),
-                               "--embedding-device", "cpu", *extra], cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    with served("--embedding-model", str(model_dir), "--embedding-device", "cpu",
+                *extra) as base:
         model_id = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         url = base + "/v1/embeddings"
         digest_resp = httpx.post(url, json={"model": model_id, "input": texts[:32]}, timeout=60)
@@ -158,11 +147,7 @@ def serve_and_measure(model_dir: Path, extra: list[str], texts: list[str], per_l
                 n = max(per_level, 8 * c)
                 anyio.run(load, url, model_id, texts[:64], c)  # warm-up
                 results[str(c)] = anyio.run(load, url, model_id, texts[:n], c)
-        runs = next(m for m in httpx.get(base + "/health").json()["models"])["stats"]
-        results["server_stats"] = runs
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        results["server_stats"] = httpx.get(base + "/health").json()["models"][0]["stats"]
     return results, digest
 
 
