@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -38,7 +39,6 @@ class SocketTransport(ChatTransport):
         self._ws: ClientConnection = connect(base_url.replace("http", "ws", 1) + "/v1/ws",
                                              additional_headers=headers)
         self._id = ""
-        self.finish_reason = ""
 
     def stream(self, body: dict[str, Any]) -> Iterator[str]:
         self._id = uuid.uuid4().hex
@@ -56,23 +56,22 @@ class SocketTransport(ChatTransport):
                 if choices and choices[0]["delta"].get("content"):
                     yield choices[0]["delta"]["content"]
             elif msg["type"] == "chat.done":
-                self.finish_reason = msg["finish_reason"]
                 return
             elif msg["type"] == "error":
                 raise RuntimeError(msg["error"]["message"])
 
     def cancel(self) -> None:
+        """Cancel, then skip what is still in flight up to that conversation's end (chat.done,
+        or an error if it had just finished), so the next answer starts clean."""
         self._ws.send(json.dumps({"type": "chat.cancel", "id": self._id}))
-        for _ in self.stream_rest():
-            pass
-
-    def stream_rest(self) -> Iterator[str]:
-        """Drain the cancelled conversation up to its chat.done."""
-        while True:
-            msg = json.loads(self._ws.recv(timeout=10))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                msg = json.loads(self._ws.recv(timeout=1))
+            except TimeoutError:
+                continue
             if msg.get("id") == self._id and msg["type"] in ("chat.done", "error"):
                 return
-            yield ""
 
     def close(self) -> None:
         self._ws.close()
