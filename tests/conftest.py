@@ -86,8 +86,8 @@ class LiveServer:
     """`npugate serve` in its own process, as a user runs it."""
 
     def __init__(self, *, chat: list[Path], embedding: list[Path], log: Path,
-                 extra: list[str] | None = None) -> None:
-        self.port = free_port()
+                 extra: list[str] | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "server", "--port", str(self.port), "--log-level",
                 "warning", *(extra or [])]

@@ -106,3 +106,32 @@ def test_page_streams_tokens_and_stops(chromium: str, server: LiveServer) -> Non
         assert "time to first token" in (page.text_content("#stats") or "")
         page.screenshot(path=str(OUT / "second-turn.png"))
         browser.close()
+
+
+def test_page_reconnects_after_the_server_comes_back(chromium: str, phi3_dir: Path,
+                                                     tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    first = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "first.log")
+    second: LiveServer | None = None
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(first.base_url + "/")
+            page.wait_for_selector("#status.ok", timeout=15000)
+            first.stop()
+            page.wait_for_selector("#status.bad", timeout=10000)
+            assert "retrying" in (page.text_content("#status") or "")
+            second = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "second.log",
+                                port=first.port)
+            page.wait_for_selector("#status.ok", timeout=20000)  # reconnected by itself
+            page.fill("#prompt", "hello again")
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".msg.assistant[data-done]", timeout=20000)
+            assert page.get_attribute(".msg.assistant", "data-done") in ("stop", "length")
+            page.screenshot(path=str(OUT / "reconnected.png"))
+            browser.close()
+    finally:
+        if second is not None:
+            second.stop()
