@@ -19,22 +19,37 @@ DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
-# (flag, environment variable, default, meaning): the limits of section "Limits" in the README
-LIMIT_FLAGS = (
-    ("--max-body-bytes", "NPUGATE_MAX_BODY_BYTES", 4 * 1024 * 1024, "request body size (413)"),
-    ("--max-messages", "NPUGATE_MAX_MESSAGES", 256, "messages per chat request (413)"),
-    ("--max-tokens-limit", "NPUGATE_MAX_TOKENS_LIMIT", 4096,
+# Numeric settings, each with a flag and an environment variable; type and default come from
+# Settings: (flag, Settings field, environment variable, meaning).
+NUMBER_FLAGS = (
+    ("--embedding-max-batch", "embedding_max_batch", "NPUGATE_EMBEDDING_MAX_BATCH",
+     "inputs per model run; 1 turns batching off"),
+    ("--embedding-batch-tokens", "embedding_batch_tokens", "NPUGATE_EMBEDDING_BATCH_TOKENS",
+     "padded tokens per model run"),
+    ("--qnn-max-batch", "qnn_max_batch", "NPUGATE_QNN_MAX_BATCH",
+     "batches up to this size go to QNN, larger ones to the CPU"),
+    ("--max-body-bytes", "max_body_bytes", "NPUGATE_MAX_BODY_BYTES", "request body size (413)"),
+    ("--max-messages", "max_messages", "NPUGATE_MAX_MESSAGES", "messages per chat request (413)"),
+    ("--max-tokens-limit", "max_tokens_limit", "NPUGATE_MAX_TOKENS_LIMIT",
      "largest max_tokens, and the default when a request omits it (413 above)"),
-    ("--max-running", "NPUGATE_MAX_RUNNING", 8, "generations decoding at once per model"),
-    ("--max-waiting", "NPUGATE_MAX_WAITING", 32, "generations queued per model (429 above)"),
-    ("--max-embedding-inputs", "NPUGATE_MAX_EMBEDDING_INPUTS", 2048,
+    ("--max-running", "max_running_per_model", "NPUGATE_MAX_RUNNING",
+     "generations decoding at once per model"),
+    ("--max-waiting", "max_waiting_per_model", "NPUGATE_MAX_WAITING",
+     "generations queued per model (429 above)"),
+    ("--max-embedding-inputs", "embedding_max_inputs", "NPUGATE_MAX_EMBEDDING_INPUTS",
      "inputs per embedding request (413)"),
-    ("--embedding-max-queued", "NPUGATE_EMBEDDING_MAX_QUEUED", 2048,
+    ("--embedding-max-queued", "embedding_max_queued", "NPUGATE_EMBEDDING_MAX_QUEUED",
      "embedding inputs queued per model (429 above)"),
-    ("--ws-max-message-bytes", "NPUGATE_WS_MAX_MESSAGE_BYTES", 1024 * 1024,
+    ("--ws-max-message-bytes", "ws_max_message_bytes", "NPUGATE_WS_MAX_MESSAGE_BYTES",
      "WebSocket message size (error event above)"),
-    ("--ws-max-conversations", "NPUGATE_WS_MAX_CONVERSATIONS", 16,
+    ("--ws-max-conversations", "ws_max_conversations", "NPUGATE_WS_MAX_CONVERSATIONS",
      "conversations at once per WebSocket"),
+    ("--keep-alive-timeout", "keep_alive_timeout_s", "NPUGATE_KEEP_ALIVE_TIMEOUT",
+     "seconds an idle connection stays open; keep it above your clients' idle expiry"),
+    ("--body-timeout", "body_timeout_s", "NPUGATE_BODY_TIMEOUT",
+     "seconds a request body may take to arrive (408 after)"),
+    ("--shutdown-grace", "shutdown_grace_s", "NPUGATE_SHUTDOWN_GRACE",
+     "seconds in-flight requests may run on after SIGTERM"),
 )
 
 
@@ -80,40 +95,19 @@ def _parser() -> argparse.ArgumentParser:
                        default=os.environ.get("NPUGATE_EMBEDDING_DEVICE", "auto"),
                        help="auto: QNN on a real NPU, else CUDA, else CPU; qnn: QNN even on "
                        "the x86 simulator (NPUGATE_EMBEDDING_DEVICE, default auto)")
-    serve.add_argument("--embedding-max-batch", type=int,
-                       default=int(os.environ.get("NPUGATE_EMBEDDING_MAX_BATCH", "32")),
-                       help="inputs per model run; 1 turns batching off "
-                       "(NPUGATE_EMBEDDING_MAX_BATCH, default 32)")
-    serve.add_argument("--embedding-batch-tokens", type=int,
-                       default=int(os.environ.get("NPUGATE_EMBEDDING_BATCH_TOKENS", "16384")),
-                       help="padded tokens per model run (NPUGATE_EMBEDDING_BATCH_TOKENS, "
-                       "default 16384)")
     serve.add_argument("--qnn-buckets", type=_buckets,
                        default=_buckets(os.environ.get("NPUGATE_QNN_BUCKETS",
                                                        "1x32,1x128,4x64,8x128")),
                        help="static QNN shapes, batch x sequence (NPUGATE_QNN_BUCKETS, "
                        "default 1x32,1x128,4x64,8x128)")
-    serve.add_argument("--qnn-max-batch", type=int,
-                       default=int(os.environ.get("NPUGATE_QNN_MAX_BATCH", "8")),
-                       help="batches up to this size go to QNN, larger ones to the CPU "
-                       "(NPUGATE_QNN_MAX_BATCH, default 8)")
     serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
-    for flag, env, default, text in LIMIT_FLAGS:
-        serve.add_argument(flag, type=int, default=int(os.environ.get(env, default)),
+    defaults = Settings()
+    for flag, field, env, text in NUMBER_FLAGS:
+        default = getattr(defaults, field)
+        kind = type(default)
+        serve.add_argument(flag, dest=field, type=kind, default=kind(os.environ.get(env, default)),
                            help=f"{text} ({env}, default {default})")
-    serve.add_argument("--keep-alive-timeout", type=float,
-                       default=float(os.environ.get("NPUGATE_KEEP_ALIVE_TIMEOUT", "15")),
-                       help="seconds an idle connection stays open; keep it above your "
-                       "clients' idle expiry (NPUGATE_KEEP_ALIVE_TIMEOUT, default 15)")
-    serve.add_argument("--body-timeout", type=float,
-                       default=float(os.environ.get("NPUGATE_BODY_TIMEOUT", "30")),
-                       help="seconds a request body may take to arrive, 408 after "
-                       "(NPUGATE_BODY_TIMEOUT, default 30)")
-    serve.add_argument("--shutdown-grace", type=float,
-                       default=float(os.environ.get("NPUGATE_SHUTDOWN_GRACE", "30")),
-                       help="seconds in-flight requests may run on after SIGTERM "
-                       "(NPUGATE_SHUTDOWN_GRACE, default 30)")
     serve.add_argument("--api-key-file", default=os.environ.get("NPUGATE_API_KEY_FILE"),
                        help="file of API keys, one per line (NPUGATE_API_KEY_FILE); keys may "
                        "also come comma-separated in NPUGATE_API_KEYS. Default: no keys")
@@ -204,23 +198,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
-                        shutdown_grace_s=args.shutdown_grace, body_timeout_s=args.body_timeout,
-                        keep_alive_timeout_s=args.keep_alive_timeout,
-                        max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
-                        max_tokens_limit=args.max_tokens_limit,
-                        max_running_per_model=args.max_running,
-                        max_waiting_per_model=args.max_waiting,
-                        embedding_max_inputs=args.max_embedding_inputs,
-                        embedding_max_queued=args.embedding_max_queued,
-                        ws_max_message_bytes=args.ws_max_message_bytes,
-                        ws_max_conversations=args.ws_max_conversations,
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
-                        embedding_device=args.embedding_device,
-                        embedding_max_batch=args.embedding_max_batch,
-                        embedding_batch_tokens=args.embedding_batch_tokens,
-                        qnn_buckets=args.qnn_buckets, qnn_max_batch=args.qnn_max_batch,
-                        models_dir=args.models_dir)
+                        embedding_device=args.embedding_device, qnn_buckets=args.qnn_buckets,
+                        models_dir=args.models_dir,
+                        **{field: getattr(args, field) for _, field, _, _ in NUMBER_FLAGS})
     from server.serve import serve
 
     serve(settings)

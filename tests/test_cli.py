@@ -35,3 +35,19 @@ def test_prepare_is_idempotent(smollm2_dir: Path) -> None:
     proc = _npugate("prepare", env_models=smollm2_dir.parent)
     assert proc.returncode == 0, proc.stderr
     assert "already prepared" in proc.stdout
+
+
+def test_number_flags_reach_settings_from_env_and_flags(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    from server.cli import NUMBER_FLAGS, _parser
+    from server.settings import Settings
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    for flag, field, env, _ in NUMBER_FLAGS:
+        assert field in fields, flag
+        monkeypatch.setenv(env, "3")
+        assert getattr(_parser().parse_args(["serve"]), field) == 3, env
+        assert getattr(_parser().parse_args(["serve", flag, "7"]), field) == 7, flag
+        monkeypatch.delenv(env)
+    assert _parser().parse_args(["serve"]).shutdown_grace_s == Settings().shutdown_grace_s
