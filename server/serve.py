@@ -71,9 +71,11 @@ async def drain(state: AppState, grace_s: float) -> None:
 
 def _quiet_cancelled_connections(loop: asyncio.AbstractEventLoop,
                                  context: dict[str, object]) -> None:
-    # Hypercorn cancels connections still open when its graceful timeout ends (a WebSocket
-    # whose close handshake it has not finished); on Python 3.11 asyncio then reports the
-    # cancelled connection task as a callback error. Everything else is reported as usual.
+    # Hypercorn 0.18's WebSocket ping task sleeps a whole ping interval before it looks at
+    # whether its socket has closed, and the connection's task group waits for it. So after a
+    # WebSocket closes (TCP included, at once) its connection task lives up to 20 s more; at
+    # shutdown Hypercorn's graceful timeout cancels it, and on Python 3.11 asyncio reports the
+    # cancelled task as a callback error. Everything else is reported as usual.
     if isinstance(context.get("exception"), asyncio.CancelledError):
         log.debug("connection cancelled at shutdown")
         return

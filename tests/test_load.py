@@ -1,7 +1,7 @@
 """A bounded load test on loopback: thousands of embeddings, a hundred streamed chats with a
 third of the clients leaving mid-stream. Nothing lost, swapped or leaked; zero 5xx.
 
-Bounds: 2000 embedding requests at concurrency 64 and 100 chats at concurrency 8 (about a
+Bounds: 5000 embedding requests at concurrency 64 and 100 chats at concurrency 8 (about a
 minute on 2 cores); memory may grow by at most 300 MB (the first requests warm caches).
 """
 
@@ -24,6 +24,8 @@ EMB = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
 PROMPTS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
            "Say something about the sea."]
+EMBEDDINGS = 5000
+CHATS = 100
 MEMORY_GROWTH_LIMIT = 300 * 1024 * 1024
 KEEP_ALIVE_REAP_S = 4.0  # the server's keep-alive timeout is 3 s in this test
 
@@ -56,14 +58,14 @@ def test_load_embeddings_and_chats(smollm2_dir: Path, minilm_dir: Path,
         server.stop()
 
     assert all(s < 500 for s in results["statuses"]), sorted(set(results["statuses"]))
-    assert results["statuses"].count(200) == len(results["statuses"]) == 2000 + 100
+    assert results["statuses"].count(200) == len(results["statuses"]) == EMBEDDINGS + CHATS
     assert results["bad_vectors"] == 0  # every vector belongs to its own request's text
     assert results["chat_mismatch"] == 0  # every finished stream is its prompt's answer
     assert results["left"] == 33 and results["chats_done"] == 67
     chat, emb = (next(m for m in after["models"] if m["id"] == mid) for mid in (CHAT, EMB))
     assert chat["requests_running"] == 0 and chat["requests_waiting"] == 0
     assert emb["inputs_queued"] == 0
-    assert emb["stats"]["model_runs_total"] < 2000  # batched
+    assert emb["stats"]["model_runs_total"] < EMBEDDINGS  # batched
     assert after["tasks"] <= baseline["tasks"] + 2  # no leaked tasks
     growth = after["memory"]["rss_bytes"] - baseline["memory"]["rss_bytes"]
     assert growth < MEMORY_GROWTH_LIMIT, growth
@@ -76,8 +78,8 @@ async def _drive(base: str, texts: list[str], expected: dict[str, np.ndarray],
     limits = httpx.Limits(max_connections=80, max_keepalive_connections=80,
                           keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-        embed_jobs = list(range(2000))
-        chat_jobs = list(range(100))
+        embed_jobs = list(range(EMBEDDINGS))
+        chat_jobs = list(range(CHATS))
 
         async def embedder() -> None:
             while embed_jobs:

@@ -89,3 +89,23 @@ def test_sigterm_drains_then_ends_streams_cleanly(smollm2_dir: Path, tmp_path: P
     assert close_codes == [1001]  # then the socket closed as "going away"
     text = log.read_text()
     assert "Traceback" not in text and "stopped" in text
+
+
+def test_sigterm_closes_an_idle_socket_at_once_and_exits_in_bounded_time(
+        phi3_dir: Path, tmp_path: Path) -> None:
+    server = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "server.log")
+    with connect(server.base_url.replace("http", "ws", 1) + "/v1/ws") as ws:
+        ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(ws.recv(timeout=10)) == {"type": "pong"}
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            ws.recv(timeout=10)
+            raise AssertionError("the socket stayed open")
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None and closed.rcvd.code == 1001
+        assert time.monotonic() - start < 2.0  # the close and the TCP close come at once
+    # Hypercorn's ping task for the closed socket is cancelled at its 3 s graceful timeout.
+    assert server.proc.wait(timeout=10) == 0
+    assert time.monotonic() - start < 6.0
+    server.stop()
