@@ -38,7 +38,7 @@ class EngineLimits:
     """Per-model scheduling limits, from Settings."""
 
     max_running: int = 8
-    max_waiting: int = 32
+    max_waiting: int = 16
     max_tokens_limit: int = 4096
     embedding_device: str = "auto"
     embedding_max_batch: int = 32

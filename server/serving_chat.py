@@ -15,7 +15,7 @@ from inference.chat.engine import ChatDelta
 from inference.chat.sampling import SamplingParams
 from server.errors import APIError
 from server.metrics import MeteredStream, Metrics
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, parse_model
 from server.registry import ModelRegistry
 
 
@@ -64,20 +64,33 @@ class ChunkWriter:
 class ChatService:
     """Serves `/v1/chat/completions` from the registry's engines."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, *, max_messages: int = 256,
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, *, max_messages: int = 2048,
                  max_tokens_limit: int = 4096) -> None:
         self._registry = registry
         self._metrics = metrics
         self._max_messages = max_messages
         self._max_tokens_limit = max_tokens_limit
 
+    def parse(self, body: dict[str, Any]) -> ChatCompletionRequest:
+        """Validate a decoded request body. Messages and content parts are counted first:
+        validation costs event-loop time per item (0.4 s for 4 MiB of tiny messages)."""
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            if len(messages) > self._max_messages:
+                raise APIError(413, f"{len(messages)} messages; this server accepts at most "
+                               f"{self._max_messages} per request", param="messages",
+                               code="too_many_messages")
+            parts = sum(len(m["content"]) for m in messages
+                        if isinstance(m, dict) and isinstance(m.get("content"), list))
+            if parts > self._max_messages:
+                raise APIError(413, f"{parts} content parts; this server accepts at most "
+                               f"{self._max_messages} per request", param="messages",
+                               code="too_many_content_parts")
+        return parse_model(ChatCompletionRequest, body)
+
     async def start(self, req: ChatCompletionRequest, endpoint: str) -> MeteredStream:
-        """Validate and queue a request. Every error is raised here, before any response."""
+        """Queue a parsed request. Every error is raised here, before any response."""
         req.check_supported()
-        if len(req.messages) > self._max_messages:
-            raise APIError(413, f"{len(req.messages)} messages; this server accepts at most "
-                           f"{self._max_messages} per request", param="messages",
-                           code="too_many_messages")
         limit = req.completion_limit()
         if limit is not None and limit > self._max_tokens_limit:
             raise APIError(413, f"max_tokens {limit} exceeds this server's limit of "

@@ -13,8 +13,8 @@ import anyio
 import numpy as np
 
 from inference.embed.model import Vector
-from server.errors import bad_request
-from server.protocol import EmbeddingRequest
+from server.errors import APIError, bad_request
+from server.protocol import EmbeddingRequest, parse_model
 from server.registry import ModelRegistry
 
 INLINE_TOKENIZE_CHARS = 2048
@@ -26,6 +26,23 @@ class EmbeddingService:
     def __init__(self, registry: ModelRegistry, *, max_inputs: int = 2048) -> None:
         self._registry = registry
         self.max_inputs = max_inputs
+
+    def parse(self, body: dict[str, Any]) -> EmbeddingRequest:
+        """Validate a decoded request body. Counts and token-id lengths are checked first:
+        validation costs event-loop time per item (1.6 s for 4 MiB of one-id lists)."""
+        raw = body.get("input")
+        if isinstance(raw, list) and raw:
+            lists = [raw] if isinstance(raw[0], int) else raw
+            if len(lists) > self.max_inputs:
+                raise APIError(413, f"input has {len(lists)} items; at most {self.max_inputs} "
+                               "are allowed per request", param="input",
+                               code="too_many_inputs")
+            if isinstance(body.get("model"), str):
+                model = self._registry.embedding_batcher(body["model"]).model
+                for i, ids in enumerate(lists):
+                    if isinstance(ids, list):
+                        model.check_length(ids, i)
+        return parse_model(EmbeddingRequest, body)
 
     async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
         batcher = self._registry.embedding_batcher(req.model)

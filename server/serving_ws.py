@@ -30,7 +30,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
-from server.protocol import ChatCompletionRequest, EmbeddingRequest, parse_model
 from server.serving_chat import ChatService, ChunkWriter
 from server.serving_embeddings import EmbeddingService
 
@@ -39,8 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SocketLimits:
-    max_message_bytes: int = 1024 * 1024
-    max_conversations: int = 16
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_conversations: int = 8
 
 
 def auth_message_key(raw: str | bytes) -> str | None:
@@ -143,7 +142,7 @@ class SocketSession:
             self._active.pop(cid, None)
 
     async def _run_chat(self, cid: str, body: dict[str, Any]) -> None:
-        req = parse_model(ChatCompletionRequest, body)
+        req = self._chat.parse(body)
         stream = await self._chat.start(req, "ws")
         writer = ChunkWriter(model=req.model, include_usage=False)
         finish, completion = "stop", 0
@@ -168,7 +167,7 @@ class SocketSession:
                           "total_tokens": prompt + completion}}
 
     async def _run_embeddings(self, cid: str, body: dict[str, Any]) -> None:
-        req = parse_model(EmbeddingRequest, body)
+        req = self._embeddings.parse(body)
         response = await self._embeddings.embed(req)
         await self._send({"type": "embeddings.result", "id": cid, "response": response})
 

@@ -28,17 +28,17 @@ class Settings:
     qnn_max_batch: int = 8
     models_dir: Path = field(default_factory=default_models_dir)
     max_running_per_model: int = 8
-    max_waiting_per_model: int = 32
+    max_waiting_per_model: int = 16  # benchmarks/limits.py: ~23 s to start at the back
     max_body_bytes: int = 4 * 1024 * 1024
-    max_messages: int = 256  # per chat request
+    max_messages: int = 2048  # per chat request; also content parts (benchmarks/limits.py)
     max_tokens_limit: int = 4096  # cap on max_tokens, and the default when a request omits it
     # Idle connections (and trickled headers) close after this. Above the 5 s idle expiry of
     # httpx and the OpenAI SDKs, so a client never reuses a connection the server is closing.
     keep_alive_timeout_s: float = 15.0
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 otherwise)
     sse_ping_interval_s: float = 15.0
-    ws_max_message_bytes: int = 1024 * 1024  # larger messages get an error event
-    ws_max_conversations: int = 16  # per socket
+    ws_max_message_bytes: int = 4 * 1024 * 1024  # as max_body_bytes; larger: an error event
+    ws_max_conversations: int = 8  # per socket, as max_running (benchmarks/limits.py)
     ws_send_queue: int = 256  # messages buffered per socket
     ws_ping_interval_s: float = 20.0
     api_keys: tuple[str, ...] = ()  # empty: no authentication

@@ -113,12 +113,25 @@ async def test_prompt_over_context_is_rejected(phi3_engine: ChatEngine) -> None:
         await phi3_engine.start(FRANCE, SamplingParams(max_tokens=4096))
 
 
-async def test_full_queue_is_overloaded(phi3_engine: ChatEngine) -> None:
+async def test_full_queue_is_overloaded(phi3_engine: ChatEngine,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     streams = []
+    encoded = 0
+    encode = phi3_engine.model.encode_prompt
+
+    def counting(messages: list[dict[str, str]]) -> list[int]:
+        nonlocal encoded
+        encoded += 1
+        return encode(messages)
+
+    monkeypatch.setattr(phi3_engine.model, "encode_prompt", counting)
     try:
         with pytest.raises(Overloaded):
             for _ in range(10):  # 2 running + 2 waiting fit; the scheduler admits in turn
                 streams.append(await phi3_engine.start(FRANCE, SamplingParams(max_tokens=200)))
+        with pytest.raises(Overloaded):
+            await phi3_engine.start(FRANCE, SamplingParams(max_tokens=200))
+        assert encoded == len(streams)  # refusals come before tokenizing: they cost nothing
     finally:
         for s in streams:
             s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -42,6 +43,22 @@ async def test_message_and_token_limits(app: Quart) -> None:
                                                            "messages": HELLO * 5})
     _check_error(resp.status_code, await resp.get_json(), 413)
     assert (await resp.get_json())["error"]["code"] == "too_many_messages"
+    # counted before the messages are validated (validation costs event-loop time each)
+    resp = await client.post("/v1/chat/completions", json={"model": CHAT,
+                                                           "messages": [{"role": 1}] * 5})
+    assert (await resp.get_json())["error"]["code"] == "too_many_messages"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x"}] * 3}] * 2
+    resp = await client.post("/v1/chat/completions", json={"model": CHAT, "messages": parts})
+    _check_error(resp.status_code, await resp.get_json(), 413)
+    assert (await resp.get_json())["error"]["code"] == "too_many_content_parts"
+    # more bytes than the context could hold at the longest token's size: refused untokenized
+    engine = app.extensions["npugate"].registry.entries[CHAT].chat
+    size = engine.model.spec.context_length * engine.model.max_token_bytes + 1
+    resp = await client.post("/v1/chat/completions", json={"model": CHAT, "messages": [
+        {"role": "user", "content": "x" * size}]})
+    _check_error(resp.status_code, await resp.get_json(), 400)
+    assert "bytes, more than that many tokens can hold" in (await resp.get_json())["error"][
+        "message"]
     resp = await client.post("/v1/chat/completions", json={"model": CHAT, "messages": HELLO,
                                                            "max_tokens": 65})
     assert (await resp.get_json())["error"]["code"] == "max_tokens_too_large"
@@ -51,24 +68,42 @@ async def test_message_and_token_limits(app: Quart) -> None:
     assert body["usage"]["completion_tokens"] <= 64
 
 
-async def test_full_queue_is_429_with_retry_after(app: Quart) -> None:
+async def test_full_queue_is_429_with_retry_after(app: Quart,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     client = app.test_client()
     long = {"model": CHAT, "messages": HELLO, "max_tokens": 64, "stream": True}
+    engine = app.extensions["npugate"].registry.entries[CHAT].chat
+    # The tiny model decodes 64 tokens in milliseconds: hold the running one at its first
+    # step so that the next one has to wait.
+    gate = threading.Event()
+    forward = engine.model.forward
+
+    def held(*args: Any) -> Any:
+        gate.wait(10)
+        return forward(*args)
+
+    monkeypatch.setattr(engine.model, "forward", held)
 
     async def post() -> None:
         await client.post("/v1/chat/completions", json=long)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(post)
-        tg.start_soon(post)
-        engine = app.extensions["npugate"].registry.entries[CHAT].chat
-        with anyio.fail_after(10):
-            while engine.waiting < 1:  # noqa: ASYNC110 - observing the engine
-                await anyio.sleep(0.005)
-        resp = await client.post("/v1/chat/completions", json=long)
-        _check_error(resp.status_code, await resp.get_json(), 429)
-        assert int(resp.headers["Retry-After"]) >= 1
-        tg.cancel_scope.cancel()
+    with anyio.fail_after(30):  # models start in the background
+        while (await client.get("/health/ready")).status_code != 200:  # noqa: ASYNC110
+            await anyio.sleep(0.02)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post)
+            tg.start_soon(post)
+            with anyio.fail_after(10):
+                while engine.waiting < 1:  # noqa: ASYNC110 - observing the engine
+                    await anyio.sleep(0.005)
+            resp = await client.post("/v1/chat/completions", json=long)
+            _check_error(resp.status_code, await resp.get_json(), 429)
+            assert int(resp.headers["Retry-After"]) >= 1
+            gate.set()
+            tg.cancel_scope.cancel()
+    finally:
+        gate.set()
 
 
 @pytest.mark.parametrize(("raw", "want"), [

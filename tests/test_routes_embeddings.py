@@ -70,6 +70,8 @@ async def test_every_input_shape(app: Quart, minilm: EmbeddingModel) -> None:
     ({"model": MODEL, "input": [10**9]}, 400, "input"),
     ({"model": MODEL, "input": "word " * 400}, 400, "input"),
     ({"model": MODEL, "input": ["a"] * 9}, 413, "input"),
+    ({"model": MODEL, "input": [None] * 9}, 413, "input"),  # counted before validation
+    ({"model": MODEL, "input": [[1] * 10_000]}, 400, "input"),  # too long, before validation
     ({"model": MODEL, "input": "x", "dimensions": 64}, 400, "dimensions"),
     ({"model": "nope", "input": "x"}, 404, "model"),
     ({"input": "x"}, 400, "model"),

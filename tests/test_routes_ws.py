@@ -24,7 +24,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture
 async def app(phi3: ChatModel, bert_tiny: EmbeddingModel) -> AsyncIterator[Quart]:
-    app = create_app(Settings(ws_max_message_bytes=4096, ws_max_conversations=3),
+    app = create_app(Settings(ws_max_message_bytes=4096, ws_max_conversations=3, max_messages=4),
                      engines=[ChatEngine(phi3)], batchers=[EmbeddingBatcher(bert_tiny)])
     async with app.test_app():
         yield app
@@ -111,6 +111,7 @@ async def test_embeddings_over_the_socket(app: Quart) -> None:
      '"input": ""}}', "x", "empty"),
     ('{"type": "chat.create", "id": "x", "request": {"pad": "' + "x" * 5000 + '"}}', None,
      "exceeds the limit"),
+    (_chat("x", messages=HELLO * 5), "x", "at most 4 per request"),
 ])
 async def test_bad_messages_get_an_error_and_the_socket_stays_open(
         app: Quart, raw: str, cid: str | None, fragment: str) -> None:

@@ -50,3 +50,12 @@ def test_penalties_discourage_repeats() -> None:
     assert [penalised.sample(logits) for _ in range(2)] == [3, 0]
     freq = Sampler(SamplingParams(temperature=0, frequency_penalty=0.6), 10)
     assert [freq.sample(logits) for _ in range(3)] == [3, 3, 0]
+
+
+def test_negative_seeds_work_and_differ_from_positive_ones() -> None:
+    def draw(seed: int) -> list[int]:
+        sampler = Sampler(SamplingParams(temperature=1.5, seed=seed), 1000)
+        return [sampler.sample(_logits(i)) for i in range(20)]
+
+    assert draw(-1) == draw(-1)
+    assert draw(-1) != draw(1) and draw(-(2**63)) == draw(-(2**63))

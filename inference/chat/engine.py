@@ -181,7 +181,7 @@ class ChatEngine:
     Runs on asyncio (which Quart and Hypercorn use).
     """
 
-    def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 32,
+    def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 16,
                  round_s: float = 0.25, default_max_tokens: int | None = None) -> None:
         self.model = model
         self.model_id = model.spec.model_id
@@ -214,6 +214,7 @@ class ChatEngine:
             raise BackendUnavailable(f"model {self.model_id} is not running")
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
+        self._check_queue()  # before tokenizing: an overloaded server refuses cheaply
         prompt_ids = await anyio.to_thread.run_sync(self.model.encode_prompt, messages)
         context = self.model.spec.context_length
         if len(prompt_ids) >= context:
@@ -226,9 +227,7 @@ class ChatEngine:
                 f"this model's maximum context length is {context} tokens; the messages take "
                 f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more",
                 param="max_tokens")
-        if len(self._waiting) >= self._max_waiting:
-            raise Overloaded(f"model {self.model_id} has {len(self._waiting)} requests waiting; "
-                             "retry later", retry_after_s=1.0)
+        self._check_queue()  # again: others may have queued while this prompt was tokenized
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             min(room, self._default_max_tokens or room)
         send, receive = anyio.create_memory_object_stream[ChatDelta | InferenceError](
@@ -240,6 +239,11 @@ class ChatEngine:
         self._arrival.set()
         self._wakeup.set()
         return GenerationStream(seq, receive)
+
+    def _check_queue(self) -> None:
+        if len(self._waiting) >= self._max_waiting:
+            raise Overloaded(f"model {self.model_id} has {len(self._waiting)} requests waiting; "
+                             "retry later", retry_after_s=1.0)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The scheduler loop. Runs until cancelled; then fails whatever is still queued.

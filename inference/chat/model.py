@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from inference.chat.spec import ChatModelSpec
 from inference.chat.template import ChatTemplate
-from inference.errors import ModelLoadError
+from inference.errors import ContextTooLong, ModelLoadError
 from inference.providers import LoadedSession, cpu_session
 
 
@@ -60,6 +60,12 @@ class ChatModel:
         self._output_names = [spec.logits_name, *self._present_names]
         self.vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
                               _logits_width(self._session, spec.logits_name))
+        # No token stands for more text than the longest one (+1 for a leading space a
+        # decoder may strip), so a prompt of more bytes than the context times this cannot fit
+        # and is refused without tokenizing it (a second of CPU per MiB on 2 cores).
+        self.max_token_bytes = 1 + max(
+            len(self.tokenizer.decode([i], skip_special_tokens=False).encode())
+            for i in range(self.tokenizer.get_vocab_size(with_added_tokens=True)))
 
     @classmethod
     def load(cls, folder: Path, *, model_id: str | None = None,
@@ -71,6 +77,11 @@ class ChatModel:
     def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Render the chat template and tokenize it (the template supplies special tokens)."""
         text = self.template.render(messages, add_generation_prompt=True)
+        size, context = len(text.encode()), self.spec.context_length
+        if size > context * self.max_token_bytes:
+            raise ContextTooLong(
+                f"this model's maximum context length is {context} tokens, but the messages "
+                f"are {size} bytes, more than that many tokens can hold", param="messages")
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def new_cache(self) -> KVCache:

@@ -27,7 +27,9 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int) -> None:
         self._p = params
-        self._rng = np.random.default_rng(params.seed)
+        # OpenAI's seed is any integer, negative too; numpy takes non-negative ones
+        seed = None if params.seed is None else abs(params.seed) * 2 + (params.seed < 0)
+        self._rng = np.random.default_rng(seed)
         self._counts = np.zeros(vocab_size, dtype=np.float32)
         self._penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 

@@ -12,7 +12,7 @@ from inference.errors import InferenceError
 from server import sse
 from server.errors import APIError, to_api_error
 from server.metrics import MeteredStream
-from server.protocol import ChatCompletionRequest, parse_json_body, parse_model
+from server.protocol import parse_json_body
 from server.responses import json_response
 from server.serving_chat import ChunkWriter
 from server.state import app_state
@@ -25,7 +25,7 @@ async def chat_completions() -> Response:
     state = app_state()
     raw = await request.get_data(as_text=False)
     assert isinstance(raw, bytes)
-    req = parse_model(ChatCompletionRequest, parse_json_body(raw))
+    req = state.chat.parse(parse_json_body(raw))
     stream = await state.chat.start(req, "sse" if req.stream else "chat")
     if not req.stream:
         return json_response(await state.chat.complete(req, stream))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, request
 
-from server.protocol import EmbeddingRequest, parse_json_body, parse_model
+from server.protocol import parse_json_body
 from server.responses import json_response
 from server.state import app_state
 
@@ -15,5 +15,6 @@ bp = Blueprint("embeddings", __name__)
 async def embeddings() -> Response:
     raw = await request.get_data(as_text=False)
     assert isinstance(raw, bytes)
-    req = parse_model(EmbeddingRequest, parse_json_body(raw))
-    return json_response(await app_state().embeddings.embed(req))
+    service = app_state().embeddings
+    req = service.parse(parse_json_body(raw))
+    return json_response(await service.embed(req))
