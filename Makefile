@@ -36,6 +36,7 @@ test: lint
 bench: prepare
 	$(BIN)/python benchmarks/chat_stream.py
 	$(BIN)/python benchmarks/chat_concurrency.py
+	$(BIN)/python benchmarks/limits.py
 	$(BIN)/python benchmarks/embeddings.py
 
 clean:
