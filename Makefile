@@ -34,6 +34,7 @@ test: lint
 	$(BIN)/python -m pytest
 
 bench: prepare
+	$(BIN)/python benchmarks/chat_precision.py
 	$(BIN)/python benchmarks/chat_stream.py
 	$(BIN)/python benchmarks/chat_concurrency.py
 	$(BIN)/python benchmarks/limits.py

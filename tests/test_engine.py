@@ -12,6 +12,7 @@ from inference.errors import BackendUnavailable, ContextTooLong, Overloaded
 
 pytestmark = pytest.mark.anyio
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
 async def _engine(model: ChatModel, **kw: int) -> AsyncIterator[ChatEngine]:
@@ -78,7 +79,7 @@ async def test_concurrent_streams_interleave(smol_engine: ChatEngine) -> None:
 
     async def run(name: str) -> None:
         params = SamplingParams(temperature=0, max_tokens=12)
-        async with await smol_engine.start(FRANCE, params) as stream:
+        async with await smol_engine.start(STORY, params) as stream:
             async for _ in stream:
                 order.append(name)
 

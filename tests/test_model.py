@@ -30,9 +30,9 @@ def test_kv_cache_is_exact_on_phi3_layout(phi3: ChatModel) -> None:
     np.testing.assert_allclose(step, full, atol=1e-5)
 
 
-def test_kv_cache_on_int4_smollm2(smollm2: ChatModel) -> None:
+def test_kv_cache_on_quantized_smollm2(smollm2: ChatModel) -> None:
     full, chunked, step = _prefill_vs_cached(smollm2)
-    np.testing.assert_allclose(chunked, full, atol=1e-5)
+    np.testing.assert_allclose(chunked, full, atol=1e-4)
     # MatMulNBits quantizes activations to int8 per row with a different kernel for a single
     # row, so one-token steps differ slightly from multi-token runs (not a cache error).
     assert np.corrcoef(step, full)[0, 1] > 0.999

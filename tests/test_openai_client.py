@@ -39,7 +39,8 @@ def test_streamed_text_equals_non_streamed_text(client: openai.OpenAI) -> None:
     assert finish == whole.choices[0].finish_reason
     assert usage is not None and whole.usage is not None
     assert usage.model_dump() == whole.usage.model_dump()
-    assert len(pieces) > 10  # it really streamed, token by token
+    # It really streamed, a token at a time, and the model ended its answer by itself.
+    assert len([p for p in pieces if p]) >= 6 and finish == "stop"
 
 
 def test_usage_counts_are_real_token_counts(client: openai.OpenAI) -> None:

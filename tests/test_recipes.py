@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from inference.prepare.recipes import MANIFEST, RECIPES, Recipe, build_model, is_built
+from inference.prepare.recipes import (
+    CHAT_MIN_TOP1,
+    MANIFEST,
+    RECIPES,
+    Recipe,
+    build_model,
+    is_built,
+)
 from inference.prepare.sources import PinnedFile, PrepareError, fetch, sha256_file
 
 
@@ -19,6 +26,29 @@ def test_prepared_models_have_manifests(smollm2_dir: Path, phi3_dir: Path) -> No
         assert manifest["recipe"]
         for name, digest in manifest["files"].items():
             assert sha256_file(folder / name) == digest
+
+
+def test_quantized_chat_build_was_checked_against_its_fp32_source(smollm2_dir: Path) -> None:
+    fidelity = json.loads((smollm2_dir / MANIFEST).read_text())["fidelity"]
+    assert fidelity["positions"] >= 200
+    assert fidelity["top1"] >= CHAT_MIN_TOP1 and fidelity["kl_mean"] < 0.05
+
+
+def test_a_build_from_an_older_revision_is_rebuilt(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def build(scratch: Path, out: Path, progress: Any) -> dict[str, Any]:
+        (out / "model.onnx").write_bytes(b"x")
+        calls.append(1)
+        return {}
+
+    build_model(Recipe("m", "chat", "v1", build), tmp_path, lambda _: None)
+    assert is_built(tmp_path / "m") and not is_built(tmp_path / "m", revision=2)
+    build_model(Recipe("m", "chat", "v1", build), tmp_path, lambda _: None)
+    assert len(calls) == 1
+    build_model(Recipe("m", "chat", "v2", build, revision=2), tmp_path, lambda _: None)
+    assert len(calls) == 2 and is_built(tmp_path / "m", revision=2)
+    assert json.loads((tmp_path / "m" / MANIFEST).read_text())["description"] == "v2"
 
 
 def test_second_run_does_nothing(smollm2_dir: Path, models_dir: Path) -> None:

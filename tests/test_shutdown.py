@@ -17,7 +17,7 @@ from tests.conftest import LiveServer
 
 SMOL = "smollm2-135m-instruct"
 # Greedy counting runs far longer than the grace period, where a story may end early.
-COUNT = [{"role": "user", "content": "Count from 1 to 10000, separated by commas."}]
+COUNT = [{"role": "user", "content": "Write the numbers from 1 to 10000, separated by commas."}]
 
 
 def _stream(base: str, max_tokens: int, out: list[str]) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def gguf_to_hf(gguf: Path, out: Path) -> None:
@@ -64,7 +67,6 @@ def export_bert(src: Path, out: Path, min_cosine: float) -> None:
     sequence) and check it against transformers' own pooled output."""
     import warnings
 
-    import numpy as np
     import onnxruntime as ort
     import torch
     from transformers import AutoModel
@@ -148,6 +150,70 @@ def bert_random(tokenizer_dir: Path, out: Path) -> None:
     (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
 
 
+# Chat prompts whose greedy continuations (from the fp32 transformers model) a quantized build
+# must reproduce, token by token, when fed the same context.
+FIDELITY_PROMPTS = (
+    "What is the capital of France?", "Write a haiku about the sea.",
+    "Explain what a CPU does in two sentences.", "List three primary colors.",
+    "What is 2+2?", "Hi! Who are you?", "Give me a recipe for pancakes.",
+    "Why is the sky blue?",
+)
+
+
+def chat_fidelity(hf_dir: Path, onnx_dir: Path, max_new_tokens: int = 48) -> dict[str, float]:
+    """How closely an ONNX chat build follows the fp32 transformers model it came from.
+
+    For each prompt, transformers decodes a greedy continuation; then both models see the same
+    tokens (teacher forcing), and at every position we compare their next-token distributions:
+    `top1` is the share of positions where the argmax agrees, `kl_mean`/`kl_p90` the
+    KL(fp32 || build) in nats. The ONNX side runs through npugate's own ChatModel, one token per
+    step, as serving does.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inference.chat.model import ChatModel
+
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    build = ChatModel.load(onnx_dir)
+    agree, kls = 0, []
+    for prompt in FIDELITY_PROMPTS:
+        ids = build.encode_prompt([{"role": "user", "content": prompt}])
+        with torch.no_grad():
+            full = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                                      do_sample=False, max_new_tokens=max_new_tokens,
+                                      eos_token_id=sorted(build.spec.eos_token_ids),
+                                      pad_token_id=min(build.spec.eos_token_ids))[0]
+            want = reference(full[None]).logits[0, len(ids) - 1:].double().numpy()
+        cache, feed = build.new_cache(), ids
+        for pos, expected in enumerate(want):
+            got = build.forward(cache, feed).astype(np.float64)[: expected.shape[0]]
+            p, q = _log_softmax(expected), _log_softmax(got)
+            kls.append(float((np.exp(p) * (p - q)).sum()))
+            agree += int(np.argmax(got) == np.argmax(expected))
+            if len(ids) + pos < len(full):
+                feed = [int(full[len(ids) + pos])]
+    return {"positions": len(kls), "top1": agree / len(kls), "kl_mean": float(np.mean(kls)),
+            "kl_p90": float(np.percentile(kls, 90))}
+
+
+def _log_softmax(v: Any) -> Any:
+    v = v - v.max()
+    return v - np.log(np.exp(v).sum())
+
+
+def check_chat(hf_dir: Path, onnx_dir: Path, out_json: Path, min_top1: float) -> None:
+    """Measure fidelity (above), write it to `out_json`, and fail below `min_top1`."""
+    result = chat_fidelity(hf_dir, onnx_dir)
+    out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"fidelity check: next-token argmax agrees with fp32 transformers at "
+          f"{result['top1']:.3f} of {result['positions']} positions, "
+          f"KL mean {result['kl_mean']:.4f} nats")
+    if result["top1"] < min_top1:
+        raise SystemExit(f"the quantized model disagrees with its fp32 source: top-1 agreement "
+                         f"{result['top1']:.3f} < {min_top1}")
+
+
 def main(argv: list[str]) -> None:
     step, *args = argv
     if step == "gguf-to-hf":
@@ -156,6 +222,8 @@ def main(argv: list[str]) -> None:
         phi3_random(Path(args[0]), Path(args[1]))
     elif step == "bert-export":
         export_bert(Path(args[0]), Path(args[1]), float(args[2]))
+    elif step == "chat-check":
+        check_chat(Path(args[0]), Path(args[1]), Path(args[2]), float(args[3]))
     elif step == "bert-random":
         bert_random(Path(args[0]), Path(args[1]))
     else:

