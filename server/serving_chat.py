@@ -99,8 +99,11 @@ class ChatService:
         engine = self._registry.chat_engine(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
+        default = engine.model.spec.sampling
         params = SamplingParams(
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+            temperature=default.temperature if req.temperature is None else req.temperature,
+            top_p=default.top_p if req.top_p is None else req.top_p,
+            top_k=default.top_k if req.top_k is None else req.top_k, seed=req.seed,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             max_tokens=req.completion_limit(), stop=req.stop_list())
         stream = await engine.start(messages, params)

@@ -73,6 +73,22 @@ async def test_non_streamed_completion(app: Quart) -> None:
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
 
 
+async def test_unset_sampling_takes_the_folders_defaults(app: Quart) -> None:
+    async def text(**extra: Any) -> str:
+        resp = await app.test_client().post("/v1/chat/completions", json={
+            "model": MODEL, "messages": HELLO, "max_tokens": 16, **extra})
+        assert resp.status_code == 200
+        return str((await resp.get_json())["choices"][0]["message"]["content"])
+
+    # The fixture's genai_config.json says do_sample: false, so leaving temperature out is
+    # greedy; a request that sets it samples (random weights: 16 sampled tokens all equal to
+    # the argmax would be a 1-in-astronomical event).
+    greedy = await text(temperature=0)
+    assert await text() == greedy and await text(seed=5) == greedy
+    assert await text(temperature=1.0, seed=5) != greedy
+    assert await text(top_p=0.9, seed=5) == greedy  # top_p alone does not turn sampling on
+
+
 @pytest.mark.parametrize(("payload", "status", "code"), [
     ({"model": "nope", "messages": HELLO}, 404, "model_not_found"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.chat.spec import ChatModelSpec
+from inference.chat.spec import ChatModelSpec, SamplingDefaults
 from inference.errors import ModelLoadError
 
 
@@ -18,6 +18,43 @@ def test_shapes_and_ids_come_from_the_folder(smollm2_dir: Path, phi3_dir: Path) 
     assert (phi.num_layers, phi.num_kv_heads, phi.head_size) == (2, 4, 16)
     assert phi.context_length == 4096 and phi.eos_token_ids == {32000, 32001, 32007}
     assert "<|assistant|>" in phi.chat_template
+
+
+def test_prepared_folders_decode_greedily_by_default(smollm2_dir: Path, phi3_dir: Path) -> None:
+    for folder in (smollm2_dir, phi3_dir):  # the builder writes "do_sample": false
+        assert ChatModelSpec.from_folder(folder).sampling == SamplingDefaults(temperature=0.0)
+
+
+@pytest.mark.parametrize(("search", "expected"), [
+    (None, SamplingDefaults()),
+    ({"do_sample": False, "temperature": 0.6, "top_k": 50}, SamplingDefaults(temperature=0.0)),
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 50},
+     SamplingDefaults(temperature=0.6, top_p=0.9, top_k=50)),
+    ({"do_sample": True}, SamplingDefaults()),
+    ({"do_sample": True, "temperature": 9, "top_p": 0, "top_k": -1},
+     SamplingDefaults(temperature=2.0, top_p=1e-6, top_k=0)),
+])
+def test_sampling_defaults_from_the_search_section(
+        phi3_dir: Path, tmp_path: Path, search: dict[str, object] | None,
+        expected: SamplingDefaults) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    cfg.pop("search")
+    if search is not None:
+        cfg["search"] = search
+    (folder / "genai_config.json").write_text(json.dumps(cfg))
+    assert ChatModelSpec.from_folder(folder).sampling == expected
+
+
+def test_invalid_search_section_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    cfg["search"]["do_sample"], cfg["search"]["temperature"] = True, "hot"
+    (folder / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="search section"):
+        ChatModelSpec.from_folder(folder)
 
 
 def test_inline_template_in_tokenizer_config(phi3_dir: Path, tmp_path: Path) -> None:

@@ -15,6 +15,31 @@ from inference.model_files import json_object
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling for a request that leaves it unset, from genai_config.json's `search` section:
+    greedy when the folder says `do_sample: false` (as transformers and onnxruntime-genai would
+    decode it), else its temperature, top_p and top_k. Without a `search` section, the OpenAI
+    API's defaults."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @classmethod
+    def from_search(cls, search: Any) -> SamplingDefaults:
+        if not isinstance(search, dict):
+            return cls()
+        if not search.get("do_sample", True):
+            return cls(temperature=0.0)
+        try:
+            return cls(temperature=min(max(float(search.get("temperature", 1.0)), 0.0), 2.0),
+                       top_p=min(max(float(search.get("top_p", 1.0)), 1e-6), 1.0),
+                       top_k=max(int(search.get("top_k", 0)), 0))
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"genai_config.json's search section is invalid: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class ChatModelSpec:
     """What the engine needs to know about one chat model folder."""
 
@@ -38,6 +63,7 @@ class ChatModelSpec:
     logits_name: str
     present_key_names: str
     present_value_names: str
+    sampling: SamplingDefaults = SamplingDefaults()
 
     @classmethod
     def from_folder(cls, folder: Path, model_id: str | None = None) -> ChatModelSpec:
@@ -89,6 +115,7 @@ class ChatModelSpec:
             logits_name=outputs.get("logits", "logits"),
             present_key_names=outputs.get("present_key_names", "present.%d.key"),
             present_value_names=outputs.get("present_value_names", "present.%d.value"),
+            sampling=SamplingDefaults.from_search(genai.get("search")),
         )
 
 
