@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -20,30 +21,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.chat_stream import MESSAGES  # noqa: E402
-from benchmarks.served import served  # noqa: E402
+from benchmarks.served import (  # noqa: E402
+    LEVEL_HEADER,
+    level_cells,
+    level_stats,
+    served,
+    stream_chat,
+)
 from inference.prepare import default_models_dir  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16)
 
 
-def one_stream(url: str, model: str, max_tokens: int, out: list[dict[str, float]]) -> None:
-    body = {"model": model, "messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = last = 0.0
-    tokens = 0
-    with httpx.stream("POST", url, json=body, timeout=300) as resp:
-        for line in resp.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-    out.append({"ttft_s": first - t0, "tok_s": (tokens - 1) / max(last - first, 1e-9),
-                "tokens": tokens, "end_s": last - t0})
+def one_stream(url: str, model: str, max_tokens: int, out: list[dict[str, Any]]) -> None:
+    out.append(stream_chat(url, model, MESSAGES, max_tokens))
 
 
 def main() -> int:
@@ -60,7 +51,7 @@ def main() -> int:
         one_stream(base + "/v1/chat/completions", model, 16, [])  # warm-up
         for level in LEVELS:
             time.sleep(0.5)
-            runs: list[dict[str, float]] = []
+            runs: list[dict[str, Any]] = []
             threads = [threading.Thread(target=one_stream, args=(
                 base + "/v1/chat/completions", model, args.max_tokens, runs))
                 for _ in range(level)]
@@ -72,18 +63,14 @@ def main() -> int:
             wall = time.perf_counter() - start
             results[str(level)] = {
                 "per_stream_tok_s_p50": statistics.median(r["tok_s"] for r in runs),
-                "aggregate_tok_s": sum(r["tokens"] for r in runs) / wall,
-                "ttft_s_p50": statistics.median(r["ttft_s"] for r in runs),
-                "ttft_s_max": max(r["ttft_s"] for r in runs)}
+                **level_stats([r["ttft_s"] for r in runs], sum(r["tokens"] for r in runs), wall)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"benchmark": "chat_concurrency", "model": str(args.model),
                                     "max_tokens": args.max_tokens, "levels": results},
                                    indent=2) + "\n")
-    print(f"{'streams':>7} {'per-stream tok/s':>17} {'aggregate tok/s':>16} "
-          f"{'TTFT p50 ms':>12} {'TTFT max ms':>12}")
+    print(f"{'streams':>7} {'per-stream tok/s':>17} {LEVEL_HEADER}")
     for streams, r in results.items():
-        print(f"{streams:>7} {r['per_stream_tok_s_p50']:>17.1f} {r['aggregate_tok_s']:>16.1f} "
-              f"{r['ttft_s_p50'] * 1e3:>12.0f} {r['ttft_s_max'] * 1e3:>12.0f}")
+        print(f"{streams:>7} {r['per_stream_tok_s_p50']:>17.1f} {level_cells(r)}")
     print(f"wrote {args.out}")
     return 0
 

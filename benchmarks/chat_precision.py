@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -33,7 +34,12 @@ from benchmarks.chat_stream import raw_loop  # noqa: E402
 from inference.chat.model import ChatModel  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 from inference.prepare.convert import FIDELITY_PROMPTS, chat_fidelity  # noqa: E402
-from inference.prepare.recipes import SMOLLM2_GGUF, onnx_builder, run_step  # noqa: E402
+from inference.prepare.recipes import (  # noqa: E402
+    SMOLLM2_GGUF,
+    downloads_dir,
+    onnx_builder,
+    run_step,
+)
 from inference.prepare.sources import fetch  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -46,7 +52,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def build_variants(work: Path, models_dir: Path) -> dict[str, Path]:
-    gguf = fetch(SMOLLM2_GGUF, models_dir / ".downloads", work / "model.gguf")
+    gguf = fetch(SMOLLM2_GGUF, downloads_dir(models_dir), work / "model.gguf")
     hf_dir = work / "hf"
     run_step(print, "dequantizing GGUF to fp32 transformers",
              [sys.executable, "-m", "inference.prepare.convert", "gguf-to-hf", str(gguf),
@@ -106,7 +112,7 @@ def main() -> int:
                    for name in models}
     report = {"benchmark": "chat_precision", "source": SMOLLM2_GGUF.spec,
               "rounds": args.rounds, "max_tokens": args.max_tokens,
-              "machine": {"cpus": len(__import__("os").sched_getaffinity(0)),
+              "machine": {"cpus": len(os.sched_getaffinity(0)),
                           "platform": platform.platform(), "python": platform.python_version()},
               "summary": summary, "raw": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)

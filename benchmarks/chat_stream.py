@@ -21,12 +21,11 @@ from pathlib import Path
 import anyio
 import httpx
 import numpy as np
-import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.served import served  # noqa: E402
+from benchmarks.served import served, stream_chat  # noqa: E402
 from inference.chat.engine import ChatEngine  # noqa: E402
 from inference.chat.model import ChatModel  # noqa: E402
 from inference.chat.sampling import SamplingParams  # noqa: E402
@@ -69,28 +68,10 @@ async def engine_run(engine: ChatEngine, max_tokens: int) -> dict[str, float]:
 
 
 def sse_run(client: httpx.Client, url: str, model_id: str, max_tokens: int) -> dict[str, float]:
-    body = {"model": model_id, "messages": MESSAGES, "temperature": 0, "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    t_first = t_last = 0.0
-    tokens = 0
-    with client.stream("POST", url, json=body) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = orjson.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                if not t_first:
-                    t_first = now
-                t_last = now
-    # Tokens that complete no character arrive with the next chunk, so time the span from the
-    # first to the last content chunk and count the tokens decoded in it.
-    return {"ttft_ms": (t_first - t0) * 1e3, "decode_tok_s": (tokens - 1) / (t_last - t_first),
-            "tokens": tokens}
+    run = stream_chat(url, model_id, MESSAGES, max_tokens, client)
+    if run["status"] != 200:
+        raise RuntimeError(f"SSE request failed with {run['status']}")
+    return {"ttft_ms": run["ttft_s"] * 1e3, "decode_tok_s": run["tok_s"], "tokens": run["tokens"]}
 
 
 def _median(runs: list[dict[str, float]], key: str) -> float:

@@ -31,7 +31,13 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.served import served  # noqa: E402
+from benchmarks.served import (  # noqa: E402
+    LEVEL_HEADER,
+    level_cells,
+    level_stats,
+    served,
+    stream_chat,
+)
 from inference.chat.model import ChatModel  # noqa: E402
 from inference.errors import ContextTooLong  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
@@ -138,27 +144,18 @@ def admission(model: ChatModel, max_messages: int, body_limit: int) -> dict[str,
             "by_message_count": counts, "body_limit_bytes": body_limit, "at_body_limit": at_limit}
 
 
-def _stream(url: str, model: str, prompt: str, max_tokens: int, out: dict[str, Any]) -> None:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0, "max_tokens": max_tokens, "stream": True}
-    t0 = time.perf_counter()
-    with httpx.stream("POST", url, json=body, timeout=600) as resp:
-        out["status"] = resp.status_code
-        for line in resp.iter_lines():
-            if line.startswith("data: {") and "content" in line and "ttft_s" not in out:
-                if orjson.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    out["ttft_s"] = time.perf_counter() - t0
-    out["end_s"] = time.perf_counter() - t0
-
-
 def queue(base: str, model: str, requests: int, max_tokens: int, running: int,
           budget_s: float) -> dict[str, Any]:
     url = base + "/v1/chat/completions"
     results: list[dict[str, Any]] = [{} for _ in range(requests)]
+
+    def run(i: int) -> None:
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        results[i] = stream_chat(url, model, messages, max_tokens)
+
     threads = []
     for i in range(requests):  # in order: request i has i requests ahead of it
-        t = threading.Thread(target=_stream, args=(url, model, PROMPTS[i % len(PROMPTS)],
-                                                   max_tokens, results[i]))
+        t = threading.Thread(target=run, args=(i,))
         t.start()
         threads.append(t)
         time.sleep(0.02)
@@ -200,8 +197,7 @@ async def _socket_run(url: str, model: str, n: int, max_tokens: int) -> dict[str
             elif msg["type"] == "error":
                 raise RuntimeError(msg)
         wall = time.perf_counter() - t0
-    return {"aggregate_tok_s": tokens / wall, "ttft_s_max": max(firsts.values()),
-            "ttft_s_p50": statistics.median(firsts.values())}
+    return level_stats(list(firsts.values()), tokens, wall)
 
 
 def socket(base: str, model: str, max_tokens: int) -> dict[str, Any]:
@@ -228,7 +224,8 @@ def main() -> int:
                 "--max-running", "8", "--max-waiting", "100000",
                 "--ws-max-conversations", "64") as base:
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        _stream(base + "/v1/chat/completions", model, "hi", 8, {})  # warm-up
+        stream_chat(base + "/v1/chat/completions", model, [{"role": "user", "content": "hi"}],
+                    8)  # warm-up
         q = queue(base, model, args.queue_requests, args.queue_max_tokens, 8, args.budget_s)
         time.sleep(1)
         s = socket(base, model, 64)
@@ -264,11 +261,9 @@ def main() -> int:
           f"request ahead adds {q['wait_s_per_request_ahead']:.2f} s of wait; the longest "
           f"queue within {q['budget_s']:g} s is {q['longest_queue_within_budget']} "
           f"(last queued TTFT {q['ttft_s'][-1]:.1f} s)")
-    print(f"{'socket conversations':>20} {'aggregate tok/s':>16} {'TTFT p50 ms':>12} "
-          f"{'TTFT max ms':>12}")
+    print(f"{'socket conversations':>20} {LEVEL_HEADER}")
     for n, r in s.items():
-        print(f"{n:>20} {r['aggregate_tok_s']:>16.1f} {r['ttft_s_p50'] * 1e3:>12.0f} "
-              f"{r['ttft_s_max'] * 1e3:>12.0f}")
+        print(f"{n:>20} {level_cells(r)}")
     print(f"wrote {args.out}")
     return 0
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +49,45 @@ def served(*args: str, ready_s: float = 120) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def stream_chat(url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+                client: httpx.Client | None = None) -> dict[str, Any]:
+    """One greedy SSE chat (on `client`'s pooled connection if given, else a new one): its
+    status, time to first content, decode tokens/s, tokens, and when it ended (seconds from
+    the request). Tokens that complete no character arrive with the next chunk, so decode
+    speed is the tokens after the first over the span from first to last content chunk."""
+    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    with (client.stream("POST", url, json=body) if client is not None else
+          httpx.stream("POST", url, json=body, timeout=600)) as resp:
+        status = resp.status_code
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = orjson.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    return {"status": status, "ttft_s": first - t0, "tokens": tokens,
+            "tok_s": (tokens - 1) / max(last - first, 1e-9), "end_s": time.perf_counter() - t0}
+
+
+def level_stats(ttfts: list[float], tokens: int, wall_s: float) -> dict[str, float]:
+    """What one concurrency level delivered: aggregate tokens/s and TTFT p50 and max."""
+    return {"aggregate_tok_s": tokens / wall_s, "ttft_s_p50": statistics.median(ttfts),
+            "ttft_s_max": max(ttfts)}
+
+
+LEVEL_HEADER = f"{'aggregate tok/s':>16} {'TTFT p50 ms':>12} {'TTFT max ms':>12}"
+
+
+def level_cells(stats: dict[str, float]) -> str:
+    """`level_stats` as table cells under LEVEL_HEADER."""
+    return (f"{stats['aggregate_tok_s']:>16.1f} {stats['ttft_s_p50'] * 1e3:>12.0f} "
+            f"{stats['ttft_s_max'] * 1e3:>12.0f}")

@@ -166,8 +166,9 @@ class EmbeddingRequest(_Lenient):
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
 
-    def inputs(self, max_inputs: int) -> list[str] | list[list[int]]:
-        """The inputs as a list of texts or a list of token-id lists, checked."""
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as a list of texts or a list of token-id lists, none empty. (Their count
+        is checked before validation, by EmbeddingService.parse.)"""
         raw = self.input
         items: list[str] | list[list[int]]
         if isinstance(raw, str):
@@ -178,9 +179,6 @@ class EmbeddingRequest(_Lenient):
             items = cast(list[str] | list[list[int]], raw)
         if not items:
             raise bad_request("input must not be empty", param="input")
-        if len(items) > max_inputs:
-            raise APIError(413, f"input has {len(items)} items; at most {max_inputs} are "
-                           "allowed per request", param="input", code="too_many_inputs")
         for i, item in enumerate(items):
             if not item or (isinstance(item, str) and not item.strip()):
                 raise bad_request(f"input {i} is empty", param="input")

