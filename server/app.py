@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 import anyio
 import orjson
 from quart import Quart, Response, g, request, websocket
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from inference.chat.engine import ChatEngine
@@ -22,7 +23,16 @@ from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.responses import json_response
 from server.routes import chat, embeddings, health, models, web, ws
-from server.security import APIKeys, origin_allowed, request_id, same_origin, unauthorized
+from server.security import (
+    APIKeys,
+    host_allowed,
+    is_json,
+    is_loopback,
+    origin_allowed,
+    request_id,
+    same_origin,
+    unauthorized,
+)
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
@@ -75,20 +85,38 @@ HEALTH_PATHS = ("/health", "/health/live", "/health/ready", "/metrics")
 def _register_access_hooks(app: Quart, settings: Settings) -> None:
     keys = APIKeys(settings.api_keys)
     allow = settings.cors_origins
+    check_host = is_loopback(settings.host)  # see server/security.py: DNS rebinding
     access_log = logging.getLogger("npugate.access")
 
     def is_open(path: str) -> bool:
         return (path in OPEN_PATHS or path.startswith("/static/")
                 or (not settings.protect_health and path in HEALTH_PATHS))
 
+    def check_head_size(url: str, headers: Headers) -> None:
+        size = len(url) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if size > settings.max_header_bytes:
+            raise APIError(431, f"the request's URL and headers take {size} bytes; this "
+                           f"server accepts at most {settings.max_header_bytes}",
+                           code="request_header_fields_too_large")
+
+    def check_host_and_origin(host: str, origin: str | None) -> None:
+        if check_host and not host_allowed(host, settings.allowed_hosts):
+            raise APIError(403, f"host {host!r} is not one this server answers to; allow it "
+                           "with --allowed-host", code="host_not_allowed")
+        if not origin_allowed(origin, host, allow):
+            raise APIError(403, f"origin {origin} is not allowed; allow it with --cors-origin",
+                           code="origin_not_allowed")
+
     @app.before_request
     async def identify_and_authenticate() -> Response | None:
         g.request_id = request_id(request.headers.get("X-Request-Id"))
         g.started = time.perf_counter()
+        check_head_size(request.url, request.headers)
         origin = request.headers.get("Origin")
+        if request.path not in OPEN_PATHS and not request.path.startswith("/static/"):
+            # Every API request, not only preflights: browsers send simple POSTs without one.
+            check_host_and_origin(request.host, origin)
         if request.method == "OPTIONS" and origin:  # CORS preflight
-            if not origin_allowed(origin, request.host, allow):
-                raise APIError(403, f"origin {origin} is not allowed", code="origin_not_allowed")
             return Response("", status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
@@ -100,6 +128,10 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
             header = request.headers.get("Authorization")
             if not keys.check_header(header):
                 raise unauthorized(provided=header is not None)
+        if request.method == "POST" and not is_json(request.headers.get("Content-Type")):
+            # Form and text/plain bodies are what a foreign page can send without a preflight.
+            raise APIError(415, "the request body must be JSON, sent with 'Content-Type: "
+                           "application/json'", code="unsupported_media_type")
         return None
 
     @app.after_request
@@ -124,12 +156,11 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
     async def check_origin() -> None:
         # Browsers send cookies and credentials cross-origin to sockets; refuse foreign pages.
         g.request_id = request_id(websocket.headers.get("X-Request-Id"))
+        check_head_size(websocket.url, websocket.headers)
+        check_host_and_origin(websocket.host, websocket.headers.get("Origin"))
         if app_state().draining:
             raise APIError(503, "the server is shutting down", type="service_unavailable",
                            code="shutting_down", retry_after_s=5)
-        origin = websocket.headers.get("Origin")
-        if not origin_allowed(origin, websocket.host, allow):
-            raise APIError(403, f"origin {origin} is not allowed", code="origin_not_allowed")
         g.ws_authorized = not keys.enabled or keys.check_header(
             websocket.headers.get("Authorization"))
         g.api_keys = keys

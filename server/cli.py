@@ -29,6 +29,8 @@ NUMBER_FLAGS = (
     ("--qnn-max-batch", "qnn_max_batch", "NPUGATE_QNN_MAX_BATCH",
      "batches up to this size go to QNN, larger ones to the CPU"),
     ("--max-body-bytes", "max_body_bytes", "NPUGATE_MAX_BODY_BYTES", "request body size (413)"),
+    ("--max-header-bytes", "max_header_bytes", "NPUGATE_MAX_HEADER_BYTES",
+     "request URL and headers together (431)"),
     ("--max-messages", "max_messages", "NPUGATE_MAX_MESSAGES", "messages per chat request (413)"),
     ("--max-tokens-limit", "max_tokens_limit", "NPUGATE_MAX_TOKENS_LIMIT",
      "largest max_tokens, and the default when a request omits it (413 above)"),
@@ -119,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
                                 if o],
                        help="origin allowed to call the API from a browser, repeatable "
                        "(NPUGATE_CORS_ORIGINS, comma-separated; default same-origin only)")
+    serve.add_argument("--allowed-host", action="append",
+                       default=[h for h in os.environ.get("NPUGATE_ALLOWED_HOSTS", "").split(",")
+                                if h],
+                       help="Host name the server answers to when bound to a loopback address, "
+                       "besides localhost and loopback IPs (so DNS rebinding cannot reach it); "
+                       "repeatable, '*' for any (NPUGATE_ALLOWED_HOSTS, comma-separated)")
 
     sub.add_parser("chat", help="chat in the terminal with a running server (see --help)",
                    add_help=False)
@@ -198,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
+                        allowed_hosts=tuple(args.allowed_host),
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
                         embedding_device=args.embedding_device, qnn_buckets=args.qnn_buckets,

@@ -1,13 +1,18 @@
-"""Access control: API keys, CORS and WebSocket origin checks, request ids.
+"""Access control: API keys, origin, content-type and host rules, request ids.
 
 Keys are compared in constant time and never logged. With no keys configured, the server is
-open (a local tool's default). CORS answers only origins on the allowlist; the default is
-same-origin only. Browsers do not apply CORS to WebSockets, so `/v1/ws` checks Origin itself.
+open (a local tool's default). A browser on a foreign page can send a POST without a CORS
+preflight (a form or `text/plain` body), so CORS alone does not protect the API: API requests
+with a foreign `Origin` are refused (403), and so are bodies that are not `application/json`
+(415). Bound to a loopback address, the server answers only to the `Host` names it knows, so a
+DNS-rebound name cannot reach it. Browsers do not apply CORS to WebSockets, so `/v1/ws` checks
+Origin (and Host) itself.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import re
 import uuid
 from collections.abc import Sequence
@@ -63,6 +68,41 @@ def origin_allowed(origin: str | None, host: str, allowlist: Sequence[str]) -> b
     if not origin:
         return True
     return same_origin(origin, host) or origin in allowlist or "*" in allowlist
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether the server's bind address is a loopback one (only local clients reach it)."""
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, without its port: `[::1]:8000` -> `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def host_allowed(host: str | None, allowed: Sequence[str]) -> bool:
+    """A Host header naming this machine (loopback names and addresses) or an allowed name.
+    `*` in `allowed` turns the check off."""
+    if "*" in allowed:
+        return True
+    name = host_name(host or "")
+    return name in LOOPBACK_NAMES or name in (a.lower() for a in allowed) or is_loopback(name)
+
+
+def is_json(content_type: str | None) -> bool:
+    """`application/json`, with or without parameters such as charset."""
+    return (content_type or "").partition(";")[0].strip().lower() == "application/json"
 
 
 def request_id(incoming: str | None) -> str:

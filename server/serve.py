@@ -41,6 +41,11 @@ def hypercorn_config(settings: Settings) -> Config:
     # Past this the frame is a protocol violation (close 1009); below it, messages over
     # ws_max_message_bytes get an error event and the socket stays open.
     config.websocket_max_message_size = 16 * 1024 * 1024
+    # h11 answers 431 by itself once an unfinished request head outgrows this buffer, even
+    # while the client is still sending it; the client then fails on a broken pipe and never
+    # reads the answer. With room for 8x the app's limit, a head up to that size arrives whole
+    # and the app refuses it (431 with an OpenAI body) after it has been read.
+    config.h11_max_incomplete_size = 8 * settings.max_header_bytes
     config.graceful_timeout = FLUSH_S + 1.0  # drain happens before; this closes connections
     return config
 

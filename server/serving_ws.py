@@ -5,7 +5,9 @@ Client → server (JSON text messages):
   {"type": "chat.cancel", "id": ID}
   {"type": "embeddings.create", "id": ID, "request": <body of /v1/embeddings>}
   {"type": "ping"}
-  {"type": "auth", "api_key": KEY}    first message, when keys are on and no header was sent
+  {"type": "auth", "api_key": KEY}    first message, when keys are on and no header was sent;
+                                      later ones are checked again, and a wrong key closes the
+                                      socket (1008)
 Server → client:
   {"type": "chat.delta", "id": ID, "chunk": <chat.completion.chunk, as over SSE>}
   {"type": "chat.done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...}}
@@ -30,6 +32,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
+from server.security import APIKeys, unauthorized
 from server.serving_chat import ChatService, ChunkWriter
 from server.serving_embeddings import EmbeddingService
 
@@ -40,6 +43,14 @@ log = logging.getLogger(__name__)
 class SocketLimits:
     max_message_bytes: int = 4 * 1024 * 1024
     max_conversations: int = 8
+
+
+class AuthenticationFailed(Exception):
+    """An `auth` message with a wrong key: the route sends `error` and closes with 1008."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def auth_message_key(raw: str | bytes) -> str | None:
@@ -58,8 +69,10 @@ class SocketSession:
     """One connection's conversations. `dispatch` handles one incoming message."""
 
     def __init__(self, chat: ChatService, embeddings: EmbeddingService,
-                 outbox: MemoryObjectSendStream[dict[str, Any]], limits: SocketLimits) -> None:
+                 outbox: MemoryObjectSendStream[dict[str, Any]], limits: SocketLimits,
+                 keys: APIKeys | None = None) -> None:
         self._chat = chat
+        self._keys = keys or APIKeys([])
         self._embeddings = embeddings
         self._outbox = outbox
         self._send = outbox.send
@@ -71,6 +84,7 @@ class SocketSession:
         return len(self._active)
 
     async def dispatch(self, raw: str | bytes, tg: TaskGroup) -> None:
+        """Handle one message. Raises `AuthenticationFailed` when the socket must close."""
         if len(raw) > self._limits.max_message_bytes:
             await self._error(None, APIError(
                 413, f"message of {len(raw)} bytes exceeds the limit of "
@@ -88,7 +102,10 @@ class SocketSession:
         if kind == "ping":
             await self._send({"type": "pong"})
             return
-        if kind == "auth":  # already authenticated (by header or first message)
+        if kind == "auth":  # already authenticated (by header or first message): check again
+            key = msg.get("api_key")
+            if not self._keys.check(key if isinstance(key, str) else None):
+                raise AuthenticationFailed(unauthorized(provided=True))
             await self._send({"type": "auth.ok"})
             return
         if kind not in ("chat.create", "chat.cancel", "embeddings.create"):

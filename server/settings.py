@@ -30,6 +30,8 @@ class Settings:
     max_running_per_model: int = 8
     max_waiting_per_model: int = 16  # benchmarks/limits.py: ~23 s to start at the back
     max_body_bytes: int = 4 * 1024 * 1024
+    # URL plus headers; larger gets 431. Hypercorn buffers up to 8x this (see serve.py).
+    max_header_bytes: int = 32 * 1024
     max_messages: int = 2048  # per chat request; also content parts (benchmarks/limits.py)
     max_tokens_limit: int = 4096  # cap on max_tokens, and the default when a request omits it
     # Idle connections (and trickled headers) close after this. Above the 5 s idle expiry of
@@ -44,6 +46,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     protect_health: bool = False  # health probes need a key too
     cors_origins: tuple[str, ...] = ()  # empty: same-origin only
+    # Host names answered besides loopback ones, when bound to a loopback address ("*": any)
+    allowed_hosts: tuple[str, ...] = ()
     shutdown_grace_s: float = 30.0  # in-flight work may finish this long after SIGTERM
 
     def limits(self) -> EngineLimits:

@@ -77,10 +77,33 @@ def test_slow_clients_are_cut_off(phi3_dir: Path, tmp_path: Path) -> None:
         elapsed, data = _trickle(server.port, [b"P", b"O", b"S", b"T", b" "] + [b"/"] * 15, 1.0)
         assert elapsed < 7 and data == b""
         # headers complete, body trickling: 408 with the OpenAI error body after 2 s
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                 b"application/json\r\nContent-Length: 500\r\n\r\n")
         elapsed, data = _trickle(server.port, [head] + [b" "] * 6, 0.5)
         assert data.startswith(b"HTTP/1.1 408"), data[:80]
         assert b'"code":"request_timeout"' in data
+    finally:
+        server.stop()
+
+
+def test_huge_headers_get_431_over_a_real_socket(phi3_dir: Path, tmp_path: Path) -> None:
+    # Sent in pieces, as a network delivers them: h11 used to answer 431 and close while the
+    # client was still sending, so the client saw a broken pipe and no response at all.
+    server = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "server.log")
+    try:
+        head = (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                + b"a" * 100_000 + b"\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            for i in range(0, len(head), 4096):
+                sock.sendall(head[i:i + 4096])  # a broken pipe here is the bug
+                time.sleep(0.001)
+            data = b""
+            while b"}}" not in data and (chunk := sock.recv(4096)):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 431"), data[:80]
+        assert b"request_header_fields_too_large" in data
+        # a 60 KB URL too
+        resp = httpx.get(server.base_url + "/v1/models?x=" + "a" * 60_000, timeout=10)
+        assert resp.status_code == 431
     finally:
         server.stop()

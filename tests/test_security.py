@@ -170,3 +170,87 @@ async def test_static_files_cannot_escape(locked: Quart) -> None:
             resp = await client.get("/static/etc/passwd")
         assert resp.status_code == 404, path
         assert b"[project]" not in await resp.get_data()
+
+
+# --- what an attack run found (browser drive-by, DNS rebinding, re-auth, huge headers) ---
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+async def test_non_json_bodies_are_refused_415(phi3: ChatModel, content_type: str | None
+                                               ) -> None:
+    # the bodies a foreign page can POST without a CORS preflight
+    async for app in _app(phi3):
+        headers = {"Content-Type": content_type} if content_type else {}
+        resp = await app.test_client().post("/v1/chat/completions", headers=headers,
+                                            data=orjson.dumps(BODY))
+        body = await resp.get_json()
+        assert resp.status_code == 415 and body["error"]["code"] == "unsupported_media_type"
+        ok = await app.test_client().post("/v1/chat/completions", data=orjson.dumps(BODY),
+                                          headers={"Content-Type":
+                                                   "application/json; charset=utf-8"})
+        assert ok.status_code == 200
+
+
+async def test_foreign_origins_are_refused_on_every_api_request(locked: Quart) -> None:
+    client = locked.test_client()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path in (("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"),
+                         ("GET", "/v1/models"), ("GET", "/health")):
+        resp = await client.open(path, method=method, json=BODY,
+                                 headers={**auth, "Origin": "https://evil.example"})
+        body = await resp.get_json()
+        assert resp.status_code == 403 and body["error"]["code"] == "origin_not_allowed", path
+    same = await client.post("/v1/chat/completions", json=BODY,
+                             headers={**auth, "Origin": "http://localhost"})
+    allowed = await client.post("/v1/chat/completions", json=BODY,
+                                headers={**auth, "Origin": "https://app.example"})
+    assert same.status_code == 200 and allowed.status_code == 200
+    # the chat page itself stays reachable from anywhere (it is static)
+    assert (await client.get("/", headers={"Origin": "https://evil.example"})).status_code == 200
+
+
+async def test_unknown_host_names_are_refused_on_loopback(phi3: ChatModel) -> None:
+    from quart.testing.connections import WebsocketResponseError
+
+    async for app in _app(phi3, allowed_hosts=("npugate.lan",)):
+        client = app.test_client()
+        for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "127.0.0.2",
+                     "npugate.lan:8000"):
+            resp = await client.post("/v1/chat/completions", json=BODY, headers={"Host": host})
+            assert resp.status_code == 200, host
+        for host in ("evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io"):
+            resp = await client.post("/v1/chat/completions", json=BODY, headers={"Host": host})
+            body = await resp.get_json()
+            assert resp.status_code == 403 and body["error"]["code"] == "host_not_allowed"
+        with pytest.raises(WebsocketResponseError) as refused:
+            async with client.websocket("/v1/ws", headers={"Host": "evil.example"}) as ws:
+                await ws.send('{"type": "ping"}')
+        assert refused.value.response.status_code == 403
+    # bound to every address, the server is meant to be reached by any name
+    async for app in _app(phi3, host="0.0.0.0"):
+        resp = await app.test_client().post("/v1/chat/completions", json=BODY,
+                                            headers={"Host": "gpu-box.example"})
+        assert resp.status_code == 200
+
+
+async def test_socket_reauthentication_with_a_wrong_key_closes_1008(locked: Quart) -> None:
+    from quart.testing.connections import WebsocketDisconnectError
+
+    async with locked.test_client().websocket(
+            "/v1/ws", headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.send(orjson.dumps({"type": "auth", "api_key": "sk-other"}).decode())
+        assert await _ws_messages(ws, 1) == [{"type": "auth.ok"}]  # a right key: ok
+        await ws.send(orjson.dumps({"type": "auth", "api_key": "wrong"}).decode())
+        msg = orjson.loads(await ws.receive())
+        assert msg["type"] == "error" and msg["error"]["code"] == "invalid_api_key"
+        with pytest.raises(WebsocketDisconnectError) as closed:
+            await ws.receive()
+        assert closed.value.args[0] == 1008
+
+
+async def test_oversized_headers_get_431(locked: Quart) -> None:
+    resp = await locked.test_client().get(
+        "/v1/models", headers={"Authorization": "Bearer " + "a" * 100_000})
+    body = await resp.get_json()
+    assert resp.status_code == 431
+    assert body["error"]["code"] == "request_header_fields_too_large"

@@ -11,7 +11,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from quart import Blueprint, g, websocket
 
 from server.security import APIKeys, unauthorized
-from server.serving_ws import SocketLimits, SocketSession, auth_message_key
+from server.serving_ws import AuthenticationFailed, SocketLimits, SocketSession, auth_message_key
 from server.state import app_state
 
 bp = Blueprint("ws", __name__)
@@ -31,17 +31,26 @@ async def chat_socket() -> None:
         max_buffer_size=settings.ws_send_queue)
     session = SocketSession(state.chat, state.embeddings, send,
                             SocketLimits(max_message_bytes=settings.ws_max_message_bytes,
-                                         max_conversations=settings.ws_max_conversations))
+                                         max_conversations=settings.ws_max_conversations),
+                            keys=g.api_keys)
+    refused = False
     with anyio.CancelScope() as connection:  # shutdown cancels it, after final events
         state.sockets.add(connection)
         try:
             async with anyio.create_task_group() as tg, send:
                 tg.start_soon(_sender, outbox)
-                while True:
-                    raw = await websocket.receive()
-                    await session.dispatch(raw, tg)
+                try:
+                    while True:
+                        raw = await websocket.receive()
+                        await session.dispatch(raw, tg)
+                except AuthenticationFailed:
+                    refused = True  # a wrong key on an open socket ends every conversation
+                    tg.cancel_scope.cancel()
         finally:
             state.sockets.discard(connection)
+    if refused:
+        await _refuse()
+        return
     await websocket.close(1001, "the server is shutting down")
 
 
@@ -52,10 +61,14 @@ async def _authenticate(keys: APIKeys) -> bool:
         if keys.check(auth_message_key(raw)):
             await websocket.send(orjson.dumps({"type": "auth.ok"}).decode())
             return True
+    await _refuse()
+    return False
+
+
+async def _refuse() -> None:
     error = unauthorized(provided=True).body()["error"]
     await websocket.send(orjson.dumps({"type": "error", "id": None, "error": error}).decode())
     await websocket.close(1008, "authentication failed")
-    return False
 
 
 async def _sender(outbox: MemoryObjectReceiveStream[dict[str, Any]]) -> None:
