@@ -1,7 +1,9 @@
 """OpenAI wire schemas for chat completions, parsed once at the edge with pydantic.
 
 Unknown fields are accepted and ignored, as OpenAI clients and agent frameworks expect.
-Validation errors become one OpenAI-style 400 naming the offending parameter.
+An explicit `null` on an optional field means "unset", as OpenAI reads it: clients that
+serialise every field send them. Validation errors become one OpenAI-style 400 naming the
+offending parameter.
 """
 
 from __future__ import annotations
@@ -17,19 +19,30 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from server.errors import APIError, bad_request
 
 M = TypeVar("M", bound=BaseModel)
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
-class _Lenient(BaseModel):
+class _WireModel(BaseModel):
     # strict: JSON types must be right ("yes" is no boolean, "1" no number), as OpenAI checks
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in fields or fields[k].is_required()}
+        return data
 
-class ChatMessage(_Lenient):
+
+class ChatMessage(_WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -50,15 +63,15 @@ class ChatMessage(_Lenient):
         return "\n".join(parts)
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_WireModel):
     include_usage: bool = False
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(_WireModel):
     type: str = "text"
 
 
-class ChatCompletionRequest(_Lenient):
+class ChatCompletionRequest(_WireModel):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
@@ -76,6 +89,24 @@ class ChatCompletionRequest(_Lenient):
     n: int = Field(default=1, ge=1)
     logprobs: bool | None = None
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased")
+        for key, bias in v.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids; {key[:20]!r} is not")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} for token {key} is outside -100 to 100")
+        return v
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), b) for k, b in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -159,7 +190,7 @@ EmbeddingInput = Annotated[
     Discriminator(_input_kind)]
 
 
-class EmbeddingRequest(_Lenient):
+class EmbeddingRequest(_WireModel):
     model: str
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"

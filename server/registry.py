@@ -153,8 +153,13 @@ class ModelRegistry:
 
     def _entry(self, model: str, task: Task) -> ModelEntry:
         entry = self.entries.get(model)
-        if entry is None or entry.task != task:
+        if entry is None:
             raise model_not_found(model)
+        if entry.task != task:
+            served = "/v1/chat/completions" if entry.task == "chat" else "/v1/embeddings"
+            raise APIError(400, f"model {model} is a{'n' if entry.task == 'embedding' else ''} "
+                           f"{entry.task} model; use it with {served}", param="model",
+                           code="wrong_model_task")
         if entry.status == "loading":
             raise APIError(503, f"model {model} is still loading", type="service_unavailable",
                            code="model_loading", retry_after_s=5)

@@ -93,7 +93,7 @@ class ChatService:
         req.check_supported()
         limit = req.completion_limit()
         if limit is not None and limit > self._max_tokens_limit:
-            raise APIError(413, f"max_tokens {limit} exceeds this server's limit of "
+            raise APIError(400, f"max_tokens {limit} exceeds this server's limit of "
                            f"{self._max_tokens_limit}", param="max_tokens",
                            code="max_tokens_too_large")
         engine = self._registry.chat_engine(req.model)
@@ -105,7 +105,8 @@ class ChatService:
             top_p=default.top_p if req.top_p is None else req.top_p,
             top_k=default.top_k if req.top_k is None else req.top_k, seed=req.seed,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            max_tokens=req.completion_limit(), stop=req.stop_list())
+            max_tokens=req.completion_limit(), stop=req.stop_list(),
+            logit_bias=req.logit_bias_pairs())
         stream = await engine.start(messages, params)
         return MeteredStream(stream, self._metrics, req.model, endpoint)
 

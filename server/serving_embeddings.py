@@ -57,6 +57,8 @@ class EmbeddingService:
                 raise bad_request(f"dimensions must be at most {model.spec.dimension}",
                                   param="dimensions")
         if isinstance(items[0], str):
+            for i, text in enumerate(items):
+                model.check_text_size(text, i)
             # Short inputs tokenize faster than a thread hop costs; long ones leave the loop.
             chars = sum(len(x) for x in items)
             ids = (model.tokenize(items) if chars <= INLINE_TOKENIZE_CHARS

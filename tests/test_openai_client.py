@@ -72,10 +72,15 @@ def test_errors_surface_as_sdk_exceptions(client: openai.OpenAI) -> None:
         client.chat.completions.create(
             model=SMOL, messages=[{"role": "user", "content": "word " * 9000}])
     assert err.value.code == "context_length_exceeded"
-    with pytest.raises(openai.APIStatusError) as too_many:
+    # above the server's cap: a BadRequestError naming max_tokens, as OpenAI answers
+    with pytest.raises(openai.BadRequestError) as too_many:
         client.chat.completions.create(model=SMOL, messages=FRANCE,  # type: ignore[arg-type]
                                        max_tokens=10**6)
-    assert too_many.value.status_code == 413
+    assert too_many.value.param == "max_tokens"
+    # a chat model on the embeddings endpoint: 400 naming what it serves, not 404
+    with pytest.raises(openai.BadRequestError) as wrong_task:
+        client.embeddings.create(model=SMOL, input="hello")
+    assert "chat model" in str(wrong_task.value) and wrong_task.value.param == "model"
 
 
 def test_phi3_layout_served_alongside(client: openai.OpenAI) -> None:

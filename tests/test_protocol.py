@@ -1,9 +1,18 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel
 
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, parse_json_body, parse_model
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    EmbeddingRequest,
+    ResponseFormat,
+    StreamOptions,
+    parse_json_body,
+    parse_model,
+)
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -59,3 +68,46 @@ def test_bodies_that_are_not_json_objects(raw: bytes) -> None:
     with pytest.raises(APIError) as err:
         parse_json_body(raw)
     assert err.value.status == 400
+
+
+def _optional_fields(model: type[BaseModel]) -> list[str]:
+    return [name for name, f in model.model_fields.items() if not f.is_required()]
+
+
+@pytest.mark.parametrize(("model", "valid"), [
+    (ChatCompletionRequest, BASE),
+    (EmbeddingRequest, {"model": "m", "input": "hello"}),
+    (ChatMessage, {"role": "user"}),
+    (StreamOptions, {}),
+    (ResponseFormat, {}),
+])
+def test_explicit_null_means_unset_on_every_optional_field(model: type[BaseModel],
+                                                           valid: dict[str, object]) -> None:
+    # derived from the models, so a field added later is covered too
+    fields = _optional_fields(model)
+    assert fields
+    unset = parse_model(model, valid)
+    for name in fields:
+        assert parse_model(model, {**valid, name: None}) == unset, name
+    assert parse_model(model, {**valid, **dict.fromkeys(fields)}) == unset
+
+
+def test_required_fields_still_refuse_null() -> None:
+    with pytest.raises(APIError) as err:
+        _parse(model=None)
+    assert err.value.param == "model"
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    ({"abc": 1}, "token ids"),
+    ({"-1": 1}, "token ids"),
+    ({"5": 101}, "outside -100 to 100"),
+    ({"5": -100.5}, "outside -100 to 100"),
+    ({str(i): 1 for i in range(301)}, "at most 300"),
+    ({"5": "1"}, "valid number"),
+])
+def test_logit_bias_is_checked(bias: dict[str, object], message: str) -> None:
+    with pytest.raises(APIError, match=message) as err:
+        _parse(logit_bias=bias)
+    assert (err.value.param or "").startswith("logit_bias")
+    assert _parse(logit_bias={"5": -100, "7": 100.0}).logit_bias_pairs() == ((5, -100), (7, 100.0))

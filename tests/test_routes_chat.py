@@ -94,7 +94,8 @@ async def test_unset_sampling_takes_the_folders_defaults(app: Quart) -> None:
     ({"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400,
      "context_length_exceeded"),
     ({"model": MODEL, "messages": HELLO, "max_tokens": 4090}, 400, "context_length_exceeded"),
-    ({"model": MODEL, "messages": HELLO, "max_tokens": 10**6}, 413, "max_tokens_too_large"),
+    ({"model": MODEL, "messages": HELLO, "max_tokens": 10**6}, 400, "max_tokens_too_large"),
+    ({"model": MODEL, "messages": HELLO, "logit_bias": {"32064": 5}}, 400, None),
     ({"model": MODEL, "messages": "hello"}, 400, None),
     ({"model": MODEL}, 400, None),
 ])
@@ -181,3 +182,41 @@ async def test_loading_then_failed_model_is_reported(tmp_path: Any) -> None:
         resp = await client.post("/v1/chat/completions",
                                  json={"model": "broken", "messages": HELLO})
         assert resp.status_code == 503
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-9])
+async def test_tiny_temperatures_are_greedy_not_5xx(app: Quart, temperature: float) -> None:
+    async def text(**extra: Any) -> str:
+        resp = await app.test_client().post("/v1/chat/completions", json={
+            "model": MODEL, "messages": HELLO, "max_tokens": 8, **extra})
+        assert resp.status_code == 200, await resp.get_data()
+        return str((await resp.get_json())["choices"][0]["message"]["content"])
+
+    assert await text(temperature=temperature, seed=1) == await text(temperature=0)
+    resp = await app.test_client().post("/v1/chat/completions", json={
+        "model": MODEL, "messages": HELLO, "max_tokens": 4, "stream": True,
+        "temperature": temperature})
+    chunks = _events(await resp.get_data())
+    assert all("error" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_logit_bias_steers_decoding(app: Quart, phi3: ChatModel) -> None:
+    async def text(**extra: Any) -> str:
+        resp = await app.test_client().post("/v1/chat/completions", json={
+            "model": MODEL, "messages": HELLO, "max_tokens": 6, "temperature": 0, **extra})
+        assert resp.status_code == 200, await resp.get_data()
+        return str((await resp.get_json())["choices"][0]["message"]["content"])
+
+    # +100 on one token makes it every token, greedy or sampled
+    forced = phi3.tokenizer.token_to_id("▁Paris")
+    assert forced is not None
+    assert (await text(logit_bias={str(forced): 100})).split() == ["Paris"] * 6
+    assert (await text(logit_bias={str(forced): 100}, temperature=1.0, seed=3)).split() \
+        == ["Paris"] * 6
+    # -100 on every token the greedy answer could start with moves the answer elsewhere
+    greedy = await text()
+    prefixes = {str(i): -100 for i in range(phi3.tokenizer.get_vocab_size())
+                if (piece := phi3.tokenizer.decode([i])) and greedy.startswith(piece)}
+    assert 0 < len(prefixes) <= 300
+    assert await text(logit_bias=prefixes) != greedy

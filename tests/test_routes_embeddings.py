@@ -101,3 +101,33 @@ async def test_models_and_health_report_the_provider(app: Quart) -> None:
     health = await (await client.get("/health")).get_json()
     entry = health["models"][0]
     assert entry["status"] == "ready" and "model_runs_total" in entry["stats"]
+
+
+async def test_huge_text_is_refused_before_tokenizing(minilm: EmbeddingModel,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_tokenizing(texts: Any) -> Any:
+        raise AssertionError("tokenized a text that cannot fit")
+
+    app = create_app(Settings(), batchers=[EmbeddingBatcher(minilm)])
+    monkeypatch.setattr(minilm, "tokenize", no_tokenizing)
+    async with app.test_app():
+        for inp in ("word " * 800_000, ["short", "é" * 5000]):
+            status, body = await _post(app, {"model": MODEL, "input": inp})
+            assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+            assert "bytes" in body["error"]["message"] and body["error"]["param"] == "input"
+
+
+async def test_a_chat_model_here_is_a_400_naming_its_task(minilm: EmbeddingModel,
+                                                           phi3: Any) -> None:
+    from inference.chat.engine import ChatEngine
+
+    app = create_app(Settings(), engines=[ChatEngine(phi3)],
+                     batchers=[EmbeddingBatcher(minilm)])
+    async with app.test_app():
+        status, body = await _post(app, {"model": "phi3-tiny-random", "input": "hi"})
+        assert status == 400 and body["error"]["code"] == "wrong_model_task"
+        assert "chat model" in body["error"]["message"]
+        resp = await app.test_client().post("/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        body = await resp.get_json()
+        assert resp.status_code == 400 and "embedding model" in body["error"]["message"]

@@ -152,3 +152,10 @@ async def test_closing_the_socket_stops_every_conversation(app: Quart) -> None:
         while engine.stats.cancelled_total < before + 2:  # noqa: ASYNC110 - observing
             await anyio.sleep(0.02)
     assert engine.running == 0
+
+
+async def test_tiny_temperature_over_the_socket_is_no_error(app: Quart) -> None:
+    async with app.test_client().websocket("/v1/ws") as ws:
+        await ws.send(_chat("t", max_tokens=4, temperature=1e-310))
+        messages = await _until_done(ws, {"t"})
+    assert messages[-1]["type"] == "chat.done" and messages[-1]["finish_reason"] == "length"

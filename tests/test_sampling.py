@@ -59,3 +59,36 @@ def test_negative_seeds_work_and_differ_from_positive_ones() -> None:
 
     assert draw(-1) == draw(-1)
     assert draw(-1) != draw(1) and draw(-(2**63)) == draw(-(2**63))
+
+
+def test_numeric_edges_never_give_nan() -> None:
+    # temperature 1e-310 is valid JSON and valid per the schema; 1/T overflows to inf
+    logits = _logits(5)
+    best = int(np.argmax(logits))
+    for temperature in (1e-310, 5e-324, 1e-300, 1e-6, 1e-5, 1e-4):
+        assert Sampler(SamplingParams(temperature=temperature, seed=1), 1000).sample(logits) \
+            == best, temperature
+    for top_p in (5e-324, 1e-300, 1e-12):
+        assert Sampler(SamplingParams(temperature=2.0, top_p=top_p, seed=3), 1000
+                       ).sample(logits) == best
+    # large logits and large penalties stay finite
+    huge = (logits * 1e30).astype(np.float32)
+    assert Sampler(SamplingParams(temperature=1e-3, seed=1), 1000).sample(huge) == best
+    sampler = Sampler(SamplingParams(temperature=2.0, presence_penalty=2.0,
+                                     frequency_penalty=2.0, seed=1), 1000)
+    assert all(0 <= sampler.sample(logits) < 1000 for _ in range(200))
+
+
+def test_logit_bias_forces_and_bans_tokens() -> None:
+    logits = _logits(7)
+    best = int(np.argmax(logits))
+    forced = Sampler(SamplingParams(temperature=0, logit_bias=((17, 100.0),)), 1000)
+    assert forced.sample(logits) == 17
+    banned = Sampler(SamplingParams(temperature=0, logit_bias=((best, -100.0),)), 1000)
+    assert banned.sample(logits) != best
+    sampled = Sampler(SamplingParams(temperature=1.0, seed=2, logit_bias=((17, 100.0),)), 1000)
+    assert {sampled.sample(logits) for _ in range(50)} == {17}
+    # repeated and out-of-range ids (a vocabulary wider than the logits) are harmless
+    odd = Sampler(SamplingParams(temperature=0, logit_bias=((5, 60.0), (5, 60.0), (5000, 1.0))),
+                  6000)
+    assert odd.sample(logits) == 5

@@ -214,6 +214,10 @@ class ChatEngine:
             raise BackendUnavailable(f"model {self.model_id} is not running")
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
+        for token, _ in params.logit_bias:
+            if token >= self.model.vocab_size:
+                raise InvalidInput(f"logit_bias names token {token}; this model's vocabulary "
+                                   f"has {self.model.vocab_size} tokens", param="logit_bias")
         self._check_queue()  # before tokenizing: an overloaded server refuses cheaply
         prompt_ids = await anyio.to_thread.run_sync(self.model.encode_prompt, messages)
         context = self.model.spec.context_length

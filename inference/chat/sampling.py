@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, seeds, presence/frequency penalties."""
+"""Token sampling: greedy, temperature, top-k, top-p, seeds, logit bias, presence/frequency
+penalties."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     max_tokens: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100), added to logits
+
+
+# Below this temperature sampling is greedy. Scaling logits by 1/T for a far smaller T
+# (1e-310 is a valid float) overflows to inf and the probabilities to NaN; at this T a logit
+# gap of 0.001 already weighs e^-100, so nothing but exact ties could be drawn anyway.
+MIN_TEMPERATURE = 1e-5
 
 
 class Sampler:
@@ -32,6 +40,8 @@ class Sampler:
         self._rng = np.random.default_rng(seed)
         self._counts = np.zeros(vocab_size, dtype=np.float32)
         self._penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        self._bias_ids = np.asarray([i for i, _ in params.logit_bias], dtype=np.int64)
+        self._bias = np.asarray([b for _, b in params.logit_bias], dtype=np.float32)
 
     def sample(self, logits: npt.NDArray[np.float32]) -> int:
         """Return the chosen token id and remember it for the penalties."""
@@ -42,19 +52,24 @@ class Sampler:
 
     def _choose(self, logits: npt.NDArray[np.float32]) -> int:
         p = self._p
+        if self._penalised or self._bias_ids.size:
+            logits = logits.astype(np.float32, copy=True)
         if self._penalised:
             n = min(logits.shape[0], self._counts.shape[0])
-            logits = logits.astype(np.float32, copy=True)
             counts = self._counts[:n]
             logits[:n] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        if p.temperature <= 0.0:
+        if self._bias_ids.size:
+            inside = self._bias_ids < logits.shape[0]
+            np.add.at(logits, self._bias_ids[inside], self._bias[inside])
+        if p.temperature < MIN_TEMPERATURE:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
+        # shifted first, so the largest is exactly 0 and nothing overflows
+        scaled = (logits.astype(np.float64) - float(np.max(logits))) / p.temperature
         candidates = np.arange(scaled.shape[0])
         if 0 < p.top_k < scaled.shape[0]:
             candidates = np.argpartition(scaled, -p.top_k)[-p.top_k :]
             scaled = scaled[candidates]
-        probs = np.exp(scaled - scaled.max())
+        probs = np.exp(scaled)  # top-k keeps the largest, so at least one is 1: no NaN
         probs /= probs.sum()
         if p.top_p < 1.0:
             order = np.argsort(probs)[::-1]

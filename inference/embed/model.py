@@ -34,6 +34,11 @@ class EmbeddingModel:
         self.tokenizer.no_truncation()
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self._prefix, self._suffix = self._special_wrapping()
+        # No token stands for more text than the longest vocabulary entry (+1 for the space
+        # before it), so a text of more bytes than max_length times this cannot fit. Checked
+        # before tokenizing: 4 MiB of text costs seconds of tokenizer CPU to refuse otherwise.
+        longest = max(len(piece.encode()) for piece in self.tokenizer.get_vocab(True))
+        self.max_text_bytes = spec.max_length * (longest + 1)
 
     @classmethod
     def load(cls, folder: Path, *, model_id: str | None = None, device: str = "cpu",
@@ -62,6 +67,14 @@ class EmbeddingModel:
             raise InvalidInput(f"token id {bad[0]} is outside this model's vocabulary "
                                f"(0..{self.vocab_size - 1})", param="input")
         return [*self._prefix, *ids, *self._suffix]
+
+    def check_text_size(self, text: str, index: int) -> None:
+        """Refuse, before tokenizing, a text too large for any tokenization to fit."""
+        if len(text) > self.max_text_bytes or len(text.encode()) > self.max_text_bytes:
+            raise ContextTooLong(
+                f"input {index} is {len(text.encode())} bytes; this model reads at most "
+                f"{self.spec.max_length} tokens, and takes at most {self.max_text_bytes} bytes "
+                "of text. Split the text into shorter pieces.", param="input")
 
     def check_length(self, ids: Sequence[int], index: int) -> None:
         if len(ids) > self.spec.max_length:
