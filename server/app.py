@@ -56,6 +56,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     metrics = Metrics(registry)
     for batcher in batchers or []:
         batcher.on_batch = batcher.on_batch or metrics.embedding_batch_observer(batcher.model_id)
+    for engine in engines or []:
+        engine.on_run = engine.on_run or metrics.chat_run_observer(engine.model_id)
     app.extensions["npugate"] = AppState(
         settings=settings, registry=registry,
         chat=ChatService(registry, metrics, max_messages=settings.max_messages,
@@ -71,7 +73,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     async def run_engines() -> AsyncGenerator[None, None]:
         async with anyio.create_task_group() as tg:
             tg.start_soon(registry.serve_all, tg, settings.limits(),
-                          metrics.embedding_batch_observer)
+                          metrics.embedding_batch_observer, metrics.chat_run_observer)
             yield
             tg.cancel_scope.cancel()
 

@@ -51,10 +51,23 @@ class Metrics:
         self.batch_seconds = Histogram("npugate_embedding_batch_seconds",
                                        "Duration of one embedding model run", ["model"],
                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_batch = Histogram("npugate_decode_batch_size",
+                                      "Sequences stepped by one chat decode run", ["model"],
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r)
+        self.chat_run_seconds = Histogram("npugate_chat_model_run_seconds",
+                                          "Duration of one chat model run", ["model", "kind"],
+                                          buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.prefill_tokens = Histogram("npugate_prefill_chunk_tokens",
+                                        "Prompt tokens read by one prefill run", ["model"],
+                                        buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
+                                        registry=r)
         r.register(_EngineStats(models))
 
     def embedding_batch_observer(self, model: str) -> BatchObserver:
         return BatchObserver(self, model)
+
+    def chat_run_observer(self, model: str) -> ChatRunObserver:
+        return ChatRunObserver(self, model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -74,6 +87,23 @@ class BatchObserver:
         self._seconds.observe(seconds)
 
 
+class ChatRunObserver:
+    """The chat engine's per-run callback for one model (called on its device thread)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._batch = metrics.decode_batch.labels(model)
+        self._prefill_tokens = metrics.prefill_tokens.labels(model)
+        self._seconds = {kind: metrics.chat_run_seconds.labels(model, kind)
+                         for kind in ("prefill", "decode")}
+
+    def __call__(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
+        self._seconds[kind].observe(seconds)
+        if kind == "decode":
+            self._batch.observe(rows)
+        else:
+            self._prefill_tokens.observe(tokens)
+
+
 class MeteredStream(DeltaStream):
     """A `GenerationStream` that records TTFT, inter-token, queue and end-to-end latency."""
 
@@ -87,9 +117,17 @@ class MeteredStream(DeltaStream):
         self._last: float | None = None
         self._closed = False
         self.prompt_tokens = stream.prompt_tokens
+        self.choices = stream.choices
+        self._completion = [0] * stream.choices  # per choice, so far
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far, every choice together."""
+        return sum(self._completion)
 
     async def receive(self) -> ChatDelta:
         delta = await self._stream.receive()
+        self._completion[delta.index] = delta.completion_tokens
         now = time.perf_counter()
         if self._last is None:
             self._m.ttft.labels(self._model).observe(now - self._started)
@@ -136,6 +174,10 @@ class _EngineStats(Collector):
                                      labels=["model"])
         up = GaugeMetricFamily("npugate_model_ready", "1 when the model serves",
                                labels=["model", "task"])
+        kv = GaugeMetricFamily("npugate_kv_cache_bytes", "Chat KV cache: budget, allocated, "
+                               "reserved by running sequences, written", labels=["model", "kind"])
+        kv_rows = GaugeMetricFamily("npugate_kv_cache_rows", "Chat KV pool rows: allocated "
+                                    "and in use", labels=["model", "kind"])
         for entry in self._models.entries.values():
             up.add_metric([entry.id, entry.task], 1.0 if entry.status == "ready" else 0.0)
             if entry.chat is not None:
@@ -148,7 +190,12 @@ class _EngineStats(Collector):
                                    ("cancelled", s.cancelled_total),
                                    ("failed", s.failed_total)):
                     outcomes.add_metric([mid, outcome], n)
-                runs.add_metric([mid, entry.chat.model.provider], s.decode_steps_total)
+                runs.add_metric([mid, entry.chat.provider], s.model_runs_total)
+                usage = entry.chat.kv_usage()
+                for kind in ("budget", "allocated", "reserved", "used"):
+                    kv.add_metric([mid, kind], usage[f"{kind}_bytes"])
+                kv_rows.add_metric([mid, "allocated"], usage["rows"])
+                kv_rows.add_metric([mid, "in_use"], usage["rows_in_use"])
             if entry.embedding is not None:
                 b, mid = entry.embedding, entry.id
                 queued.add_metric([mid], b.queued)
@@ -159,4 +206,4 @@ class _EngineStats(Collector):
                     b.model.provider != "QNNExecutionProvider"
                 fallback.add_metric([mid], 1.0 if fell_back else 0.0)
         yield from (running, waiting, prompt, generated, outcomes, queued, inputs, runs,
-                    fallback, up)
+                    fallback, up, kv, kv_rows)

@@ -128,8 +128,6 @@ class ChatCompletionRequest(_WireModel):
 
     def check_supported(self) -> None:
         """Reject options this server cannot honour rather than silently ignoring them."""
-        if self.n != 1:
-            raise bad_request("only n=1 is supported", param="n")
         if self.logprobs:
             raise bad_request("logprobs are not supported", param="logprobs")
         if self.response_format is not None and self.response_format.type != "text":

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
-from inference.chat.engine import ChatEngine
+from inference.chat.engine import DEFAULT_KV_BUDGET, DEFAULT_PREFILL_CHUNK, ChatEngine, RunObserver
 from inference.chat.model import ChatModel
 from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.model import EmbeddingModel
@@ -30,6 +30,7 @@ from server.errors import APIError, model_not_found
 log = logging.getLogger(__name__)
 Status = Literal["loading", "ready", "failed"]
 BatchObserverFactory = Callable[[str], Callable[[int, int, float], None]]
+RunObserverFactory = Callable[[str], RunObserver]
 Task = Literal["chat", "embedding"]
 
 
@@ -40,6 +41,8 @@ class EngineLimits:
     max_running: int = 8
     max_waiting: int = 16
     max_tokens_limit: int = 4096
+    kv_budget_bytes: int = DEFAULT_KV_BUDGET
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     embedding_device: str = "auto"
     embedding_max_batch: int = 32
     embedding_batch_tokens: int = 16384
@@ -64,7 +67,7 @@ class ModelEntry:
     @property
     def provider(self) -> str | None:
         if self.chat is not None:
-            return self.chat.model.provider
+            return self.chat.provider
         if self.embedding is not None:
             return self.embedding.model.provider
         return None
@@ -76,7 +79,9 @@ class ModelEntry:
         if self.chat is not None:
             info["requests_running"] = self.chat.running
             info["requests_waiting"] = self.chat.waiting
-            info["stats"] = dataclasses.asdict(self.chat.stats)
+            info["stats"] = {**dataclasses.asdict(self.chat.stats),
+                             "model_runs_total": self.chat.stats.model_runs_total}
+            info["kv_cache"] = self.chat.kv_usage()
         if self.embedding is not None:
             session = self.embedding.model.session
             info["inputs_queued"] = self.embedding.queued
@@ -181,13 +186,15 @@ class ModelRegistry:
         return batcher
 
     async def serve_all(self, tg: TaskGroup, limits: EngineLimits,
-                        batch_observer: BatchObserverFactory | None = None) -> None:
+                        batch_observer: BatchObserverFactory | None = None,
+                        run_observer: RunObserverFactory | None = None) -> None:
         """Load every model (one at a time, off the event loop) and run its engine in `tg`."""
         for entry in self.entries.values():
             try:
                 if entry.chat is None and entry.embedding is None:
                     on_batch = batch_observer(entry.id) if batch_observer else None
-                    await anyio.to_thread.run_sync(self._load, entry, limits, on_batch)
+                    on_run = run_observer(entry.id) if run_observer else None
+                    await anyio.to_thread.run_sync(self._load, entry, limits, on_batch, on_run)
             except InferenceError as exc:
                 log.error("model %s failed to load: %s", entry.id, exc.message)
                 entry.status, entry.error = "failed", exc.message
@@ -199,13 +206,16 @@ class ModelRegistry:
 
     @staticmethod
     def _load(entry: ModelEntry, limits: EngineLimits,
-              on_batch: Callable[[int, int, float], None] | None) -> None:
+              on_batch: Callable[[int, int, float], None] | None,
+              on_run: RunObserver | None) -> None:
         assert entry.path is not None
         if entry.task == "chat":
             model = ChatModel.load(entry.path, model_id=entry.id)
             entry.chat = ChatEngine(model, max_running=limits.max_running,
                                     max_waiting=limits.max_waiting,
-                                    default_max_tokens=limits.max_tokens_limit)
+                                    default_max_tokens=limits.max_tokens_limit,
+                                    kv_budget_bytes=limits.kv_budget_bytes,
+                                    prefill_chunk=limits.prefill_chunk, on_run=on_run)
             return
         cache = limits.qnn_cache_dir / entry.id if limits.qnn_cache_dir else None
         emb = EmbeddingModel.load(entry.path, model_id=entry.id,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
 from server.security import APIKeys, unauthorized
-from server.serving_chat import ChatService, ChunkWriter
+from server.serving_chat import ChatService, is_usage_chunk
 from server.serving_embeddings import EmbeddingService
 
 log = logging.getLogger(__name__)
@@ -161,27 +162,35 @@ class SocketSession:
     async def _run_chat(self, cid: str, body: dict[str, Any]) -> None:
         req = self._chat.parse(body)
         stream = await self._chat.start(req, "ws")
-        writer = ChunkWriter(model=req.model, include_usage=False)
-        finish, completion = "stop", 0
+        finish: list[str] = []
+        done: dict[str, Any] | None = None
         try:
-            async with stream:
-                await self._send({"type": "chat.delta", "id": cid, "chunk": writer.role()})
-                async for delta in stream:
-                    completion = delta.completion_tokens
-                    for chunk in writer.deltas(delta):
-                        await self._send({"type": "chat.delta", "id": cid, "chunk": chunk})
-                    finish = delta.finish_reason or finish
+            async with aclosing(self._chat.events(req, stream, include_usage=False)) as events:
+                async for event in events:
+                    if isinstance(event, APIError):
+                        raise event
+                    if event is None:
+                        continue
+                    if is_usage_chunk(event):
+                        done = self._done(cid, finish[0] if finish else "stop", event["usage"])
+                        continue
+                    finish += [c["finish_reason"] for c in event["choices"]
+                               if c["finish_reason"] is not None and c["index"] == 0]
+                    await self._send({"type": "chat.delta", "id": cid, "chunk": event})
         except anyio.get_cancelled_exc_class():
             # chat.cancel, or the socket closing: say so if the socket still listens.
-            self._post(self._done(cid, "cancelled", stream.prompt_tokens, completion))
+            self._post(self._done(cid, "cancelled", {
+                "prompt_tokens": stream.prompt_tokens,
+                "completion_tokens": stream.completion_tokens,
+                "total_tokens": stream.prompt_tokens + stream.completion_tokens}))
             raise
-        await self._send(self._done(cid, finish, stream.prompt_tokens, completion))
+        assert done is not None
+        await self._send(done)
 
     @staticmethod
-    def _done(cid: str, finish: str, prompt: int, completion: int) -> dict[str, Any]:
-        return {"type": "chat.done", "id": cid, "finish_reason": finish,
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion}}
+    def _done(cid: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+        """`chat.done`: the first choice's finish reason and the usage of all choices."""
+        return {"type": "chat.done", "id": cid, "finish_reason": finish, "usage": usage}
 
     async def _run_embeddings(self, cid: str, body: dict[str, Any]) -> None:
         req = self._embeddings.parse(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference.chat.engine import DEFAULT_KV_BUDGET, DEFAULT_PREFILL_CHUNK
 from inference.prepare import default_models_dir
 from inference.providers import DEFAULT_BUCKETS, QnnOptions
 from server.registry import EngineLimits
@@ -28,6 +29,8 @@ class Settings:
     qnn_max_batch: int = 8
     models_dir: Path = field(default_factory=default_models_dir)
     max_running_per_model: int = 8
+    kv_budget_mib: int = DEFAULT_KV_BUDGET // 2**20  # per chat model (README: KV cache)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill run
     max_waiting_per_model: int = 16  # benchmarks/limits.py: ~23 s to start at the back
     max_body_bytes: int = 4 * 1024 * 1024
     # URL plus headers; larger gets 431. Hypercorn buffers up to 8x this (see serve.py).
@@ -54,6 +57,7 @@ class Settings:
         return EngineLimits(
             max_running=self.max_running_per_model, max_waiting=self.max_waiting_per_model,
             max_tokens_limit=self.max_tokens_limit,
+            kv_budget_bytes=self.kv_budget_mib * 2**20, prefill_chunk=self.prefill_chunk,
             embedding_device=self.embedding_device, embedding_max_batch=self.embedding_max_batch,
             embedding_batch_tokens=self.embedding_batch_tokens,
             embedding_max_queued=self.embedding_max_queued,

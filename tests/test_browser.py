@@ -92,10 +92,10 @@ def test_page_streams_tokens_and_stops(chromium: str, server: LiveServer) -> Non
         after = _smol(server)
         assert after["running"] == 0
         assert after["cancelled_total"] == before["cancelled_total"] + 1
-        steps = after["decode_steps_total"]
+        steps = after["decode_runs_total"]
         time.sleep(0.5)
-        assert _smol(server)["decode_steps_total"] == steps  # decoding really stopped
-        assert steps - before["decode_steps_total"] < 1024  # well short of max_tokens
+        assert _smol(server)["decode_runs_total"] == steps  # decoding really stopped
+        assert steps - before["decode_runs_total"] < 1024  # well short of max_tokens
 
         # the conversation goes on: a second turn carries the first as history
         page.fill("#prompt", "Now say hello in one word.")

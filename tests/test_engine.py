@@ -94,7 +94,7 @@ async def test_concurrent_streams_interleave(smol_engine: ChatEngine) -> None:
 
 async def test_consumer_leaving_stops_decoding(smol_engine: ChatEngine) -> None:
     stats = smol_engine.stats
-    before_steps, before_cancelled = stats.decode_steps_total, stats.cancelled_total
+    before_steps, before_cancelled = stats.decode_runs_total, stats.cancelled_total
     async with await smol_engine.start(FRANCE, SamplingParams(temperature=0,
                                                               max_tokens=500)) as stream:
         for _ in range(3):
@@ -103,7 +103,7 @@ async def test_consumer_leaving_stops_decoding(smol_engine: ChatEngine) -> None:
         while smol_engine.running:  # noqa: ASYNC110 - polling the engine as an observer would
             await anyio.sleep(0.01)
     assert stats.cancelled_total == before_cancelled + 1
-    assert stats.decode_steps_total - before_steps <= 5  # not 500
+    assert stats.decode_runs_total - before_steps <= 5  # not 500
 
 
 async def test_prompt_over_context_is_rejected(phi3_engine: ChatEngine) -> None:
@@ -149,7 +149,7 @@ async def test_step_failure_reaches_the_consumer(phi3: ChatModel,
         def broken(*args: object) -> None:
             raise RuntimeError("device lost")
         async with await engine.start(FRANCE, SamplingParams(max_tokens=5)) as stream:
-            monkeypatch.setattr(engine.model, "forward", broken)
+            monkeypatch.setattr(engine.model, "prefill", broken)
             with pytest.raises(BackendUnavailable, match="device lost"):
                 await stream.receive()
         assert engine.stats.failed_total == 1

@@ -115,10 +115,10 @@ def test_client_disconnect_stops_generation(live_server: LiveServer) -> None:
         time.sleep(0.05)
     assert after["cancelled_total"] == before["cancelled_total"] + 1
     assert after["running"] == 0
-    steps = after["decode_steps_total"]
+    steps = after["decode_runs_total"]
     time.sleep(0.5)
-    assert _smol_stats(live_server)["decode_steps_total"] == steps  # nothing decodes on
-    assert steps - before["decode_steps_total"] < 100  # far from the 2000 asked for
+    assert _smol_stats(live_server)["decode_runs_total"] == steps  # nothing decodes on
+    assert steps - before["decode_runs_total"] < 100  # far from the 2000 asked for
 
 
 MINILM = "all-minilm-l6-v2"

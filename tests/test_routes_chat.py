@@ -136,7 +136,7 @@ async def test_error_after_stream_started_is_an_event(app: Quart,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     engine: ChatEngine = app.extensions["npugate"].registry.entries[MODEL].chat
     calls = {"n": 0}
-    real = engine.model.forward
+    real = engine.model.decode
 
     def flaky(*args: Any) -> Any:
         calls["n"] += 1
@@ -144,7 +144,7 @@ async def test_error_after_stream_started_is_an_event(app: Quart,
             raise RuntimeError("device lost")
         return real(*args)
 
-    monkeypatch.setattr(engine.model, "forward", flaky)
+    monkeypatch.setattr(engine.model, "decode", flaky)
     resp = await app.test_client().post("/v1/chat/completions", json={
         "model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 10})
     assert resp.status_code == 200

@@ -1,8 +1,16 @@
-"""The decode scheduler: owns every prefill and decode step of one chat model.
+"""The decode scheduler of one chat model: continuous batching over a shared KV pool.
 
-Requests enter a bounded waiting queue; up to `max_running` sequences are decoded in turn, one
-step each (round robin), on the device thread, off the event loop. A consumer that stops
-listening marks its sequence cancelled and the scheduler drops it before its next step.
+Requests wait in a bounded queue and join when the pool has room for them (a row per choice,
+and their reserved tokens). On the device thread, off the event loop, each iteration runs at
+most one prefill chunk (for the oldest sequence still reading its prompt) and one decode step
+for every sequence that is generating: a single model run for all of them. A sequence joins
+the decode batch at the step after its prefill, and leaves (freeing its row at once) when it
+finishes, is cancelled, or its consumer goes away.
+
+Prefill runs in chunks of a fixed size, so a long prompt stalls running streams for one chunk
+at a time, a consumer that leaves stops its prefill at the next chunk, and a sequence's
+numerics never depend on its batch mates (chunk boundaries do change int8 kernels' rounding,
+so they must not depend on load).
 """
 
 from __future__ import annotations
@@ -12,17 +20,19 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
-from inference.chat.detokenizer import IncrementalDetokenizer
-from inference.chat.model import ChatModel, KVCache
-from inference.chat.sampling import Sampler, SamplingParams
-from inference.chat.stops import StopMatcher
+from inference.chat.kv_pool import KVPool
+from inference.chat.model import ChatModel
+from inference.chat.sampling import SamplingParams
+from inference.chat.sequence import ChatDelta, Choice, Generation
+from inference.chat.spec import SamplingDefaults
 from inference.errors import (
     BackendUnavailable,
     ContextTooLong,
@@ -31,17 +41,13 @@ from inference.errors import (
     Overloaded,
 )
 
+__all__ = ["ChatDelta", "ChatEngine", "DeltaStream", "EngineStats", "GenerationStream"]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChatDelta:
-    """Text produced by one decode step; the last delta of a sequence has `finish_reason`."""
-
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
+DEFAULT_KV_BUDGET = 2 * 1024**3
+DEFAULT_PREFILL_CHUNK = 64
+# Per model run: "prefill" or "decode", rows in the run, new tokens, seconds. Called on the
+# device thread.
+RunObserver = Callable[[str, int, int, float], None]
 
 
 @dataclass
@@ -54,62 +60,13 @@ class EngineStats:
     failed_total: int = 0
     prompt_tokens_total: int = 0
     generated_tokens_total: int = 0
-    decode_steps_total: int = 0
+    prefill_runs_total: int = 0  # model runs that read prompt chunks
+    decode_runs_total: int = 0  # model runs that step every generating sequence once
+    decode_rows_total: int = 0  # sequences stepped, summed over decode runs
 
-
-class _Sequence:
-    """One generation in flight: cache, sampler, detokenizer, stop matcher and output stream."""
-
-    def __init__(self, model: ChatModel, prompt_ids: list[int], params: SamplingParams,
-                 max_tokens: int, send: MemoryObjectSendStream[ChatDelta | InferenceError]
-                 ) -> None:
-        self.model = model
-        self.prompt_ids = prompt_ids
-        self.max_tokens = max_tokens
-        self.send = send
-        self.cancelled = False  # set by the consumer's side, or by stop_all
-        self.stop_error: InferenceError | None = None  # what to tell a consumer stop_all ended
-        self.done = False  # set once, when the sequence needs no more steps
-        self.queued_at = time.monotonic()
-        self.admitted_at: float | None = None
-        self.cache: KVCache | None = None
-        self.completion_tokens = 0
-        self._last = -1
-        self._sampler = Sampler(params, model.vocab_size)
-        self._detok = IncrementalDetokenizer(model.tokenizer, prompt_ids)
-        self._stops = StopMatcher(params.stop)
-
-    def step(self) -> ChatDelta:
-        """Prefill (first call) or decode one token. Blocking: runs in a worker thread."""
-        if self.cache is None:
-            self.cache = self.model.new_cache()
-            logits = self.model.forward(self.cache, self.prompt_ids)
-        else:
-            logits = self.model.forward(self.cache, [self._last])
-        token = self._sampler.sample(logits)
-        self._last = token
-        self.completion_tokens += 1
-        finish: str | None = None
-        if token in self.model.spec.eos_token_ids:
-            text = self._drain()
-            finish = "stop"
-        else:
-            text = self._stops.push(self._detok.step(token))
-            if self._stops.stopped:
-                finish = "stop"
-            elif (self.completion_tokens >= self.max_tokens
-                  or self.cache.length >= self.model.spec.context_length):
-                text += self._drain()
-                finish = "stop" if self._stops.stopped else "length"
-        return ChatDelta(text, finish, len(self.prompt_ids), self.completion_tokens)
-
-    def finish(self) -> None:
-        """No more steps: release the KV cache."""
-        self.done = True
-        self.cache = None
-
-    def _drain(self) -> str:
-        return self._stops.push(self._detok.flush()) + self._stops.flush()
+    @property
+    def model_runs_total(self) -> int:
+        return self.prefill_runs_total + self.decode_runs_total
 
 
 class DeltaStream:
@@ -142,21 +99,22 @@ class DeltaStream:
 
 
 class GenerationStream(DeltaStream):
-    """The consumer's end of one generation. Closing it stops the generation at its next
-    decode step."""
+    """The consumer's end of one generation: the deltas of all its choices, interleaved.
+    Closing it stops the generation at its next step."""
 
-    def __init__(self, seq: _Sequence,
+    def __init__(self, gen: Generation,
                  receive: MemoryObjectReceiveStream[ChatDelta | InferenceError]) -> None:
-        self._seq = seq
+        self._gen = gen
         self._receive = receive
-        self.prompt_tokens = len(seq.prompt_ids)
+        self.prompt_tokens = len(gen.prompt_ids)
+        self.choices = len(gen.choices)
 
     @property
     def queue_seconds(self) -> float | None:
-        """How long the request waited before its first step (None while it waits)."""
-        if self._seq.admitted_at is None:
+        """How long the request waited before it was admitted (None while it waits)."""
+        if self._gen.admitted_at is None:
             return None
-        return self._seq.admitted_at - self._seq.queued_at
+        return self._gen.admitted_at - self._gen.queued_at
 
     async def receive(self) -> ChatDelta:
         """Next delta; raises `anyio.EndOfStream` after the last one. Safe to cancel."""
@@ -166,32 +124,38 @@ class GenerationStream(DeltaStream):
         return item
 
     def close(self) -> None:
-        """Stop listening; the scheduler drops the sequence before its next step."""
-        self._seq.cancelled = True
+        """Stop listening; the scheduler drops the generation before its next step."""
+        self._gen.cancelled = True
         self._receive.close()
 
 
 class ChatEngine:
     """Schedules generations on one `ChatModel`. Call `run()` in a task group first.
 
-    Decoding happens in rounds on the device thread: each round steps the running sequences in
-    turn and posts every delta to the event loop without waiting for it, so per-token HTTP work
-    never sits between two decode steps. A round ends when a request arrives (to admit it), when
-    every sequence in it is done, or after `round_s`, so shutdown never waits long.
-    Runs on asyncio (which Quart and Hypercorn use).
+    Steps happen in rounds on the device thread; every delta is posted to the event loop
+    without waiting for it, so per-token HTTP work never sits between two steps. A round ends
+    when a request arrives (to admit it), when nothing runs, or after `round_s`, so shutdown
+    never waits long. Runs on asyncio (which Quart and Hypercorn use).
     """
 
     def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 16,
-                 round_s: float = 0.25, default_max_tokens: int | None = None) -> None:
+                 round_s: float = 0.25, default_max_tokens: int | None = None,
+                 kv_budget_bytes: int = DEFAULT_KV_BUDGET,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 on_run: RunObserver | None = None) -> None:
         self.model = model
         self.model_id = model.spec.model_id
         self.stats = EngineStats()
+        self.pool = KVPool(model.kv_layout(), budget_bytes=kv_budget_bytes,
+                           max_rows=max_running)
+        self.on_run = on_run
         self._max_running = max_running
         self._max_waiting = max_waiting
         self._round_s = round_s
+        self._prefill_chunk = prefill_chunk
         self._default_max_tokens = default_max_tokens  # when a request sets none
-        self._running: list[_Sequence] = []
-        self._waiting: deque[_Sequence] = deque()
+        self._rows: list[Choice] = []  # the running choices; choice i holds pool row i
+        self._waiting: deque[Generation] = deque()
         self._device = anyio.CapacityLimiter(1)
         self._wakeup = anyio.Event()
         self._arrival = threading.Event()
@@ -199,50 +163,87 @@ class ChatEngine:
         self._accepting = False
 
     @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """What a request that leaves sampling fields unset gets (the model folder's)."""
+        return self.model.spec.sampling
+
+    @property
     def running(self) -> int:
-        """Sequences admitted and not yet finished."""
-        return sum(not s.done for s in self._running)
+        """Generations admitted and not yet finished."""
+        return len({id(c.generation) for c in self._rows})
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
-    async def start(self, messages: list[dict[str, str]], params: SamplingParams
-                    ) -> GenerationStream:
-        """Queue a generation. Raises before anything streams if it cannot be served."""
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._rows
+
+    def kv_usage(self) -> dict[str, int]:
+        """The KV pool's budget, allocation and use, for /health and /metrics."""
+        return self.pool.describe()
+
+    async def start(self, messages: list[dict[str, str]], params: SamplingParams, *,
+                    n: int = 1) -> GenerationStream:
+        """Queue a generation of `n` choices. Raises before anything streams if it cannot be
+        served."""
         if not self._accepting:
             raise BackendUnavailable(f"model {self.model_id} is not running")
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
+        if n > self._max_running:
+            raise InvalidInput(f"n={n} needs {n} decode slots; this server runs at most "
+                               f"{self._max_running} per model", param="n")
         for token, _ in params.logit_bias:
             if token >= self.model.vocab_size:
                 raise InvalidInput(f"logit_bias names token {token}; this model's vocabulary "
                                    f"has {self.model.vocab_size} tokens", param="logit_bias")
         self._check_queue()  # before tokenizing: an overloaded server refuses cheaply
         prompt_ids = await anyio.to_thread.run_sync(self.model.encode_prompt, messages)
-        context = self.model.spec.context_length
-        if len(prompt_ids) >= context:
-            raise ContextTooLong(
-                f"this model's maximum context length is {context} tokens, but the messages "
-                f"take {len(prompt_ids)} tokens", param="messages")
-        room = context - len(prompt_ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ContextTooLong(
-                f"this model's maximum context length is {context} tokens; the messages take "
-                f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more",
-                param="max_tokens")
+        max_tokens = self._max_tokens(len(prompt_ids), params.max_tokens, n)
         self._check_queue()  # again: others may have queued while this prompt was tokenized
-        max_tokens = params.max_tokens if params.max_tokens is not None else \
-            min(room, self._default_max_tokens or room)
         send, receive = anyio.create_memory_object_stream[ChatDelta | InferenceError](
-            max_buffer_size=max_tokens + 2)  # one item per step at most: bounded by max_tokens
-        seq = _Sequence(self.model, prompt_ids, params, max_tokens, send)
-        self._waiting.append(seq)
+            max_buffer_size=n * max_tokens + 2)  # one item per step at most: bounded
+        gen = Generation(self.model, prompt_ids, params, max_tokens, n, send)
+        self._waiting.append(gen)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += len(prompt_ids)
         self._arrival.set()
         self._wakeup.set()
-        return GenerationStream(seq, receive)
+        return GenerationStream(gen, receive)
+
+    def _max_tokens(self, prompt: int, asked: int | None, n: int) -> int:
+        context = self.model.spec.context_length
+        if prompt >= context:
+            raise ContextTooLong(
+                f"this model's maximum context length is {context} tokens, but the messages "
+                f"take {prompt} tokens", param="messages")
+        room = context - prompt
+        if asked is not None and asked > room:
+            raise ContextTooLong(
+                f"this model's maximum context length is {context} tokens; the messages take "
+                f"{prompt} and max_tokens asks for {asked} more", param="max_tokens")
+        kv_room = self.pool.largest_sequence - prompt
+        budget = self.pool.budget_bytes // 2**20
+        if kv_room < 1 or (asked is not None and asked > kv_room):
+            raise InvalidInput(
+                f"the messages ({prompt} tokens) and max_tokens need more KV cache than this "
+                f"server's budget of {budget} MiB holds ({self.pool.largest_sequence} tokens "
+                "for this model); ask for fewer tokens, or raise --kv-budget",
+                param="max_tokens" if kv_room >= 1 else "messages")
+        max_tokens = asked if asked is not None else \
+            min(room, kv_room, self._default_max_tokens or room)
+        if not self.pool.fits([prompt + max_tokens] * n, alone=True):
+            raise InvalidInput(
+                f"n={n} choices of {prompt + max_tokens} tokens each need more KV cache than "
+                f"this server's budget of {budget} MiB holds; ask for fewer choices or tokens",
+                param="n")
+        return max_tokens
 
     def _check_queue(self) -> None:
         if len(self._waiting) >= self._max_waiting:
@@ -260,95 +261,165 @@ class ChatEngine:
         try:
             while True:
                 self._admit()
-                if not self._running:
+                if not self._rows:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
                 self._arrival.clear()
-                await anyio.to_thread.run_sync(self._decode_round, list(self._running),
-                                               limiter=self._device)
-                self._running = [s for s in self._running if not s.done]
+                await anyio.to_thread.run_sync(self._round, limiter=self._device)
         finally:
             self._accepting = False
-            for seq in (*self._running, *self._waiting):
-                if not seq.done:
-                    self._deliver(seq, BackendUnavailable("the server is shutting down"),
-                                  "failed")
-            self._running.clear()
+            for gen in {id(c.generation): c.generation for c in self._rows}.values():
+                self._close(gen, "failed", BackendUnavailable("the server is shutting down"))
+            for gen in self._waiting:
+                self._close(gen, "failed", BackendUnavailable("the server is shutting down"))
+            self._rows.clear()
             self._waiting.clear()
-
-    @property
-    def idle(self) -> bool:
-        return not self._waiting and not self.running
 
     def stop_all(self, error: InferenceError) -> None:
         """End every generation at its next step, telling each consumer `error`; refuse new
         ones. For shutdown, after the grace period."""
         self._accepting = False
-        for seq in self._running:
-            if not seq.done:
-                seq.stop_error = error
-                seq.cancelled = True
+        for choice in self._rows:
+            choice.generation.stop_error = error
+            choice.generation.cancelled = True
         while self._waiting:
-            self._deliver(self._waiting.popleft(), error, "failed")
+            self._close(self._waiting.popleft(), "failed", error)
         self._arrival.set()  # end the current round at its next step
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self._max_running:
-            seq = self._waiting.popleft()
-            if seq.cancelled:  # client left while queued: it never costs compute
-                self._end(seq, "cancelled")
-            else:
-                seq.admitted_at = time.monotonic()
-                self._running.append(seq)
+        """Event loop, between rounds: move waiting generations into the pool while they fit,
+        oldest first."""
+        while self._waiting:
+            gen = self._waiting[0]
+            if gen.cancelled:  # client left while queued: it never costs compute
+                self._waiting.popleft()
+                self._close(gen, "cancelled", gen.stop_error)
+                continue
+            if not self.pool.fits([gen.reservation] * len(gen.choices)):
+                return  # it waits for room; later ones wait behind it (no starvation)
+            self._waiting.popleft()
+            gen.admitted_at = time.monotonic()
+            for choice in gen.choices:
+                choice.row = self.pool.add(gen.reservation)
+                self._rows.append(choice)
 
-    def _decode_round(self, batch: list[_Sequence]) -> None:
-        """Device thread: step each live sequence in turn until the round ends."""
-        loop = self._loop
-        assert loop is not None
-        post = loop.call_soon_threadsafe
+    # --- the device thread ---------------------------------------------------------------
+
+    def _round(self) -> None:
+        """Device thread: prefill chunks and decode steps until the round ends."""
         deadline = time.monotonic() + self._round_s
-        live = [s for s in batch if not s.done]
-        while live and not self._arrival.is_set() and time.monotonic() < deadline:
-            for seq in live:
-                if seq.cancelled:
-                    seq.finish()
-                    if seq.stop_error is not None:  # ended by stop_all: say why
-                        post(self._deliver, seq, seq.stop_error, "cancelled")
-                    else:
-                        post(self._end, seq, "cancelled")
-                    continue
-                try:
-                    delta = seq.step()
-                except Exception as exc:
-                    log.exception("decode step failed on %s", self.model_id)
-                    seq.finish()
-                    post(self._deliver, seq, BackendUnavailable(f"inference failed: {exc}"),
-                         "failed")
-                    continue
-                if delta.finish_reason is not None:
-                    seq.finish()
-                    post(self._deliver, seq, delta, "completed")
-                else:
-                    post(self._deliver, seq, delta, None)
-            live = [s for s in live if not s.done]
+        while not self._arrival.is_set() and time.monotonic() < deadline:
+            self._release()
+            if not self._rows:
+                return
+            reading = next((c for c in self._rows if c.state == "prefill"), None)
+            if reading is not None:
+                self._prefill(reading)
+            if any(c.state == "decode" for c in self._rows):
+                self._decode()
 
-    def _deliver(self, seq: _Sequence, item: ChatDelta | InferenceError,
-                 outcome: str | None) -> None:
-        """Event loop: hand one item to the consumer; with `outcome`, also end the sequence."""
-        if isinstance(item, ChatDelta):
-            self.stats.decode_steps_total += 1
-            self.stats.generated_tokens_total += 1
+    def _release(self) -> None:
+        """Free the rows of finished and cancelled choices (compacting the pool)."""
+        for row in range(len(self._rows) - 1, -1, -1):
+            choice = self._rows[row]
+            gen = choice.generation
+            if choice.state != "done" and not gen.cancelled:
+                continue
+            moved = self.pool.remove(row)
+            if moved is not None:
+                self._rows[row] = self._rows[moved]
+                self._rows[row].row = row
+            self._rows.pop()
+            choice.state = "done"
+            if gen.cancelled and gen.finished:
+                self._post(self._close, gen, "cancelled", gen.stop_error)
+
+    def _prefill(self, choice: Choice) -> None:
+        gen = choice.generation
+        ids = choice.next_chunk(self._prefill_chunk)
         try:
-            seq.send.send_nowait(item)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
-            seq.cancelled = True  # the consumer is gone: the next step drops the sequence
-        if outcome is not None:
-            self._end(seq, outcome)
+            started = time.perf_counter()
+            logits = self.model.prefill(self.pool, choice.row, ids)
+            self._observe("prefill", 1, len(ids), started)
+        except Exception as exc:
+            log.exception("prefill failed on %s", self.model_id)
+            self._fail(gen, exc)
+            return
+        if not choice.prompt_done:
+            return
+        for other in gen.choices[1:]:  # n > 1: the prompt is read once, then copied
+            self.pool.copy(choice.row, other.row, len(gen.prompt_ids))
+        for each in gen.choices:
+            self._emit(each, each.advance(logits))
 
-    def _end(self, seq: _Sequence, outcome: str) -> None:
-        seq.finish()
-        seq.send.close()
+    def _decode(self) -> None:
+        rows = self._rows
+        width = 1 + max(r for r, c in enumerate(rows) if c.state == "decode")
+        tokens = [c.last if c.state == "decode" else None for c in rows[:width]]
+        try:
+            started = time.perf_counter()
+            logits = self.model.decode(self.pool, tokens)
+            stepped = sum(t is not None for t in tokens)
+            self._observe("decode", stepped, stepped, started)
+        except Exception as exc:
+            log.exception("decode step failed on %s", self.model_id)
+            for c in rows[:width]:
+                if c.state == "decode":
+                    self._fail(c.generation, exc)
+            return
+        self.stats.decode_rows_total += stepped
+        for row, choice in enumerate(rows[:width]):
+            if tokens[row] is not None and not choice.generation.cancelled:
+                self._emit(choice, choice.advance(logits[row]))
+
+    def _observe(self, kind: str, rows: int, tokens: int, started: float) -> None:
+        if kind == "prefill":
+            self.stats.prefill_runs_total += 1
+        else:
+            self.stats.decode_runs_total += 1
+        if self.on_run is not None:
+            self.on_run(kind, rows, tokens, time.perf_counter() - started)
+
+    def _emit(self, choice: Choice, delta: ChatDelta) -> None:
+        gen = choice.generation
+        self._post(self._deliver, gen, delta)
+        if delta.finish_reason is not None and gen.finished:
+            self._post(self._close, gen, "completed", None)
+
+    def _fail(self, gen: Generation, exc: Exception) -> None:
+        for choice in gen.choices:
+            choice.state = "done"
+        self._post(self._close, gen, "failed", BackendUnavailable(f"inference failed: {exc}"))
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    # --- the event loop ------------------------------------------------------------------
+
+    def _deliver(self, gen: Generation, delta: ChatDelta) -> None:
+        """Hand one delta to the consumer."""
+        self.stats.generated_tokens_total += 1
+        if gen.ended:
+            return
+        try:
+            gen.send.send_nowait(delta)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
+            gen.cancelled = True  # the consumer is gone: the next step drops the generation
+
+    def _close(self, gen: Generation, outcome: str, error: InferenceError | None) -> None:
+        """End a generation's stream once, telling the consumer `error` if there is one."""
+        if gen.ended:
+            return
+        gen.ended = True
+        gen.cancelled = gen.cancelled or outcome != "completed"
+        if error is not None:
+            try:
+                gen.send.send_nowait(error)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
+                pass
+        gen.send.close()
         if outcome == "cancelled":
             self.stats.cancelled_total += 1
         elif outcome == "failed":

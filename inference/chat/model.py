@@ -1,7 +1,10 @@
-"""One chat model's ONNX session and tokenizer, and the blocking prefill/decode forward pass.
+"""One chat model's ONNX session and tokenizer, and its blocking forward passes.
 
-The KV cache of each sequence lives in a `KVCache`; the model itself is stateless between calls,
-so any number of sequences can share it (one call at a time).
+Serving runs on a shared `KVPool`: `prefill` writes one sequence's prompt (or a chunk of it)
+into its row, and `decode` steps every running row by one token in a single model run, the
+pool bound as both past and present so only new positions are written. `forward` is the plain
+single-sequence loop (the graph concatenates its cache each call): the baseline the
+benchmarks and the build check compare against.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from inference.chat.kv_pool import KVLayout, KVPool
 from inference.chat.spec import ChatModelSpec
 from inference.chat.template import ChatTemplate
 from inference.errors import ContextTooLong, ModelLoadError
@@ -21,7 +26,7 @@ from inference.providers import LoadedSession, cpu_session
 
 @dataclass
 class KVCache:
-    """Past keys/values of one sequence, keyed by the graph's past input names."""
+    """Past keys/values of one sequence for the plain loop, keyed by past input names."""
 
     past: dict[str, npt.NDArray[np.generic]] = field(default_factory=dict)
     length: int = 0
@@ -57,7 +62,10 @@ class ChatModel:
                                  f"{', '.join(missing[:4])}")
         kv_type = inputs[self._past_names[0]].type
         self._kv_dtype = np.float16 if "float16" in kv_type else np.float32
+        self._mask_dtype = np.int32 if "int32" in inputs[spec.attention_mask_name].type \
+            else np.int64
         self._output_names = [spec.logits_name, *self._present_names]
+        self._views: dict[tuple[int, int, int], list[object]] = {}  # pool rows -> OrtValues
         self.vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
                               _logits_width(self._session, spec.logits_name))
         # No token stands for more text than the longest one (+1 for a leading space a
@@ -84,16 +92,74 @@ class ChatModel:
                 f"are {size} bytes, more than that many tokens can hold", param="messages")
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def kv_layout(self) -> KVLayout:
+        return KVLayout(tensors=2 * self.spec.num_layers, kv_heads=self.spec.num_kv_heads,
+                        head_size=self.spec.head_size, dtype=np.dtype(self._kv_dtype),
+                        context=self.spec.context_length)
+
+    def prefill(self, pool: KVPool, row: int, token_ids: list[int]) -> npt.NDArray[np.float32]:
+        """Write `token_ids` after what row `row` holds; return the last position's logits.
+        Blocking: call it on the device thread."""
+        past = pool.used[row]
+        total = past + len(token_ids)
+        logits = self._run(pool, row, row + 1, np.asarray([token_ids], dtype=np.int64),
+                           np.ones((1, total), dtype=self._mask_dtype),
+                           np.arange(past, total, dtype=np.int64)[None, :])
+        pool.used[row] = total
+        return np.asarray(logits[0, -1], dtype=np.float32)
+
+    def decode(self, pool: KVPool, tokens: list[int | None]) -> npt.NDArray[np.float32]:
+        """One token for each of the rows `0..len(tokens)-1`, in one model run; returns their
+        logits, one row each. Rows may hold different lengths. A row given None (one still
+        reading its prompt) is run on a placeholder that lands where its next write goes, and
+        is not advanced. Blocking."""
+        n = len(tokens)
+        lengths = np.asarray(pool.used[:n], dtype=np.int64)
+        mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]
+                ).astype(self._mask_dtype)  # right-padded: row b sees its own length + 1
+        ids = np.asarray([0 if t is None else t for t in tokens], dtype=np.int64)[:, None]
+        logits = self._run(pool, 0, n, ids, mask, lengths[:, None])
+        for row, token in enumerate(tokens):
+            if token is not None:
+                pool.used[row] += 1
+        return np.asarray(logits[:, -1], dtype=np.float32)
+
+    def _run(self, pool: KVPool, first: int, end: int, input_ids: npt.NDArray[np.int64],
+             mask: npt.NDArray[np.generic], positions: npt.NDArray[np.int64]
+             ) -> npt.NDArray[np.generic]:
+        pool.ensure()
+        assert pool.buffer is not None
+        key = (pool.generation, first, end)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 64 or any(k[0] != pool.generation for k in self._views):
+                self._views.clear()
+            views = [ort.OrtValue.ortvalue_from_numpy(pool.buffer[i, first:end])
+                     for i in range(len(self._past_names))]
+            self._views[key] = views
+        io = self._session.io_binding()
+        io.bind_output(self.spec.logits_name)  # first: fetched by position below
+        for past, present, view in zip(self._past_names, self._present_names, views,
+                                       strict=True):
+            io.bind_ortvalue_input(past, view)
+            io.bind_ortvalue_output(present, view)  # same buffer: written in place
+        io.bind_cpu_input(self.spec.input_ids_name, input_ids)
+        io.bind_cpu_input(self.spec.attention_mask_name, mask)
+        if self._has_position_ids:
+            io.bind_cpu_input(self.spec.position_ids_name, positions)
+        self._session.run_with_iobinding(io)
+        # fetch the logits only: the caches are the pool itself
+        return io.get_outputs()[0].numpy()  # type: ignore[no-any-return]
+
     def new_cache(self) -> KVCache:
-        """An empty cache for a new sequence."""
+        """An empty cache for the plain loop (`forward`)."""
         shape = (1, self.spec.num_kv_heads, 0, self.spec.head_size)
         empty = np.zeros(shape, dtype=self._kv_dtype)
         return KVCache(past=dict.fromkeys(self._past_names, empty), length=0)
 
     def forward(self, cache: KVCache, token_ids: list[int]) -> npt.NDArray[np.float32]:
-        """Run `token_ids` after the cached context; return the last position's logits.
-
-        Blocking: call it off the event loop. Updates `cache` in place.
+        """The plain loop: run `token_ids` after the cached context (concatenated by the
+        graph); return the last position's logits. Blocking. Updates `cache` in place.
         """
         n = len(token_ids)
         total = cache.length + n

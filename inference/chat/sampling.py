@@ -33,11 +33,14 @@ MIN_TEMPERATURE = 1e-5
 class Sampler:
     """Picks the next token from one sequence's logits. Holds that sequence's RNG and counts."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, *, stream: int = 0) -> None:
+        """`stream` tells the choices of one request apart: with a seed, choice i draws from
+        its own reproducible sequence."""
         self._p = params
         # OpenAI's seed is any integer, negative too; numpy takes non-negative ones
         seed = None if params.seed is None else abs(params.seed) * 2 + (params.seed < 0)
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(seed if seed is None or stream == 0
+                                          else [seed, stream])
         self._counts = np.zeros(vocab_size, dtype=np.float32)
         self._penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         self._bias_ids = np.asarray([i for i, _ in params.logit_bias], dtype=np.int64)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
-import anyio
 from quart import Blueprint, Response, make_response, request
 
-from inference.chat.engine import ChatDelta
-from inference.errors import InferenceError
 from server import sse
-from server.errors import APIError, to_api_error
-from server.metrics import MeteredStream
+from server.errors import APIError
 from server.protocol import parse_json_body
 from server.responses import json_response
-from server.serving_chat import ChunkWriter
+from server.serving_chat import Event, is_usage_chunk
 from server.state import app_state
 
 bp = Blueprint("chat", __name__)
@@ -29,41 +26,24 @@ async def chat_completions() -> Response:
     stream = await state.chat.start(req, "sse" if req.stream else "chat")
     if not req.stream:
         return json_response(await state.chat.complete(req, stream))
-    writer = ChunkWriter(model=req.model, include_usage=req.include_usage())
-    body = _events(stream, writer, state.settings.sse_ping_interval_s)
-    response = await make_response(body, 200, sse.HEADERS)
+    events = state.chat.events(req, stream, include_usage=req.include_usage(),
+                               idle_s=state.settings.sse_ping_interval_s)
+    response = await make_response(_frames(events, req.include_usage()), 200, sse.HEADERS)
     assert isinstance(response, Response)
     response.timeout = None  # a stream lasts as long as the generation does
     return response
 
 
-async def _events(stream: MeteredStream, writer: ChunkWriter, ping_s: float
+async def _frames(events: AsyncGenerator[Event, None], include_usage: bool
                   ) -> AsyncIterator[bytes]:
-    # Leaving this generator for any reason (client gone included) closes the stream, which
-    # stops the generation at its next decode step.
-    async with stream:
-        yield sse.event(writer.role())
-        while True:
-            item: ChatDelta | APIError | None = None
-            with anyio.move_on_after(ping_s) as silence:
-                item = await _next(stream)
-            if silence.cancelled_caught:
+    # Leaving this generator for any reason (client gone included) closes `events`, which
+    # stops the generation at its next step.
+    async with aclosing(events):
+        async for event in events:
+            if event is None:
                 yield sse.PING
-                continue
-            if item is None:
-                break
-            if isinstance(item, APIError):  # headers are gone: report in-band, then end
-                yield sse.event(item.body())
-                break
-            for chunk in writer.deltas(item):
-                yield sse.event(chunk)
+            elif isinstance(event, APIError):  # headers are gone: report in-band, then end
+                yield sse.event(event.body())
+            elif include_usage or not is_usage_chunk(event):
+                yield sse.event(event)
     yield sse.DONE
-
-
-async def _next(stream: MeteredStream) -> ChatDelta | APIError | None:
-    try:
-        return await stream.receive()
-    except anyio.EndOfStream:
-        return None
-    except InferenceError as exc:
-        return to_api_error(exc)
