@@ -8,7 +8,7 @@ import pytest
 from inference.chat.engine import ChatDelta, ChatEngine
 from inference.chat.model import ChatModel
 from inference.chat.sampling import SamplingParams
-from inference.errors import BackendUnavailable, ContextTooLong, Overloaded
+from inference.errors import BackendUnavailable, ContextTooLong, InvalidInput, Overloaded
 
 pytestmark = pytest.mark.anyio
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -153,3 +153,152 @@ async def test_step_failure_reaches_the_consumer(phi3: ChatModel,
             with pytest.raises(BackendUnavailable, match="device lost"):
                 await stream.receive()
         assert engine.stats.failed_total == 1
+
+
+# --- continuous batching ------------------------------------------------------------------
+
+MIXED = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a poem about the sea, the wind, the rain and the "
+      "lighthouse that stands between them, watching ships pass in the night."}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Name three facts about cats. " * 12}],  # > one chunk
+]
+
+
+async def _text(engine: ChatEngine, messages: list[dict[str, str]], params: SamplingParams,
+                delay: float = 0.0) -> str:
+    await anyio.sleep(delay)
+    return "".join(d.text for d in await _collect(engine, messages, params))
+
+
+async def _alone_and_together(model: ChatModel, params: SamplingParams, delays: list[float]
+                              ) -> tuple[list[str], list[str], ChatEngine]:
+    alone: list[str] = []
+    async for engine in _engine(model, max_running=8):
+        for messages in MIXED:
+            alone.append(await _text(engine, messages, params))
+    together: dict[int, str] = {}
+    async for engine in _engine(model, max_running=8):
+        async with anyio.create_task_group() as tg:
+            for i in range(len(MIXED)):
+                tg.start_soon(_text_into, together, i, engine, params, delays[i])
+    return alone, [together[i] for i in range(len(MIXED))], engine
+
+
+async def _text_into(out: dict[int, str], i: int, engine: ChatEngine, params: SamplingParams,
+                     delay: float) -> None:
+    out[i] = await _text(engine, MIXED[i], params, delay)
+
+
+async def _read_then_leave(engine: ChatEngine, messages: list[dict[str, str]]) -> None:
+    async with await engine.start(messages, SamplingParams(max_tokens=500)) as stream:
+        for _ in range(5):
+            await stream.receive()
+
+
+@pytest.mark.parametrize(("model_name", "tokens", "gap"), [("smollm2", 40, 0.1),
+                                                           ("phi3", 400, 0.01)])
+async def test_greedy_batched_equals_alone(model_name: str, tokens: int, gap: float,
+                                           request: pytest.FixtureRequest) -> None:
+    # prompts of mixed length (one spans several prefill chunks) that join mid-stream:
+    # staggered starts, and different lengths make them leave at different steps
+    model: ChatModel = request.getfixturevalue(model_name)
+    params = SamplingParams(temperature=0, max_tokens=tokens)
+    alone, together, engine = await _alone_and_together(model, params,
+                                                        [0, gap, 2 * gap, 3 * gap])
+    assert together == alone
+    assert engine.stats.decode_rows_total > engine.stats.decode_runs_total  # really batched
+
+
+async def test_seeded_sampling_ignores_batch_mates(phi3: ChatModel) -> None:
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_tokens=30)
+    alone, together, _ = await _alone_and_together(phi3, params, [0.1, 0, 0.02, 0.05])
+    assert together == alone
+
+
+async def test_joining_leaving_and_cancelling_mid_stream(smollm2: ChatModel) -> None:
+    params = SamplingParams(temperature=0, max_tokens=30)
+    async for engine in _engine(smollm2, max_running=4):
+        expected = [await _text(engine, m, params) for m in MIXED[:3]]
+        results: dict[int, str] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_text_into, results, 0, engine, params, 0.0)
+            tg.start_soon(_read_then_leave, engine, MIXED[3])
+            tg.start_soon(_text_into, results, 1, engine, params, 0.1)
+            tg.start_soon(_text_into, results, 2, engine, params, 0.25)
+        assert [results[i] for i in range(3)] == expected
+        with anyio.fail_after(5):
+            while not engine.idle:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert engine.pool.in_use == 0 and engine.pool.allocated_bytes == 0
+        assert engine.stats.cancelled_total == 1
+
+
+async def test_n_choices_share_one_prefill(phi3: ChatModel) -> None:
+    async for engine in _engine(phi3, max_running=4):
+        greedy = await _text(engine, FRANCE, SamplingParams(temperature=0, max_tokens=12))
+        prefills = engine.stats.prefill_runs_total
+        async with await engine.start(FRANCE, SamplingParams(temperature=0, max_tokens=12),
+                                      n=3) as stream:
+            deltas = [d async for d in stream]
+        assert engine.stats.prefill_runs_total == prefills + 1  # the prompt is read once
+        texts = ["".join(d.text for d in deltas if d.index == i) for i in range(3)]
+        assert texts == [greedy] * 3  # greedy: every choice is the same answer
+        assert {d.finish_reason for d in deltas if d.finish_reason} == {"length"}
+        async with await engine.start(FRANCE, SamplingParams(temperature=1.0, seed=7,
+                                                             max_tokens=12), n=3) as stream:
+            sampled = [d async for d in stream]
+        texts = ["".join(d.text for d in sampled if d.index == i) for i in range(3)]
+        assert len(set(texts)) == 3  # each choice draws from its own generator
+        with pytest.raises(InvalidInput, match="n=5"):
+            await engine.start(FRANCE, SamplingParams(), n=5)
+
+
+async def test_kv_budget_makes_requests_wait_never_crash(phi3: ChatModel) -> None:
+    # room for about one 600-token sequence: the second waits for the first to finish
+    per_token = phi3.kv_layout().bytes_per_token
+    async for engine in _engine(phi3, max_running=4, max_waiting=1):
+        engine.pool.budget_tokens = 700
+        engine.pool.budget_bytes = 700 * per_token
+        params = SamplingParams(temperature=0, max_tokens=500)
+        first = await engine.start(FRANCE, params)
+        with anyio.fail_after(5):
+            while engine.running < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        second = await engine.start(FRANCE, params)
+        with pytest.raises(Overloaded):  # the queue (1) is full
+            await engine.start(FRANCE, params)
+        async with first, second:
+            await first.receive()
+            assert engine.running == 1 and engine.waiting == 1
+            assert engine.pool.allocated_bytes <= engine.pool.budget_bytes
+            rest = [d async for d in first]
+            assert rest[-1].finish_reason is not None
+            assert [d async for d in second][-1].finish_reason is not None
+        with pytest.raises(InvalidInput, match="KV cache"):  # could never fit
+            await engine.start(FRANCE, SamplingParams(max_tokens=1000))
+        # a request that leaves out max_tokens gets what fits
+        async with await engine.start(FRANCE, SamplingParams(temperature=0)) as stream:
+            last = [d async for d in stream][-1]
+        assert last.prompt_tokens + last.completion_tokens <= 700
+
+
+async def test_disconnect_stops_a_long_prefill_at_the_next_chunk(smollm2: ChatModel) -> None:
+    long = [{"role": "user", "content": "Tell me a story. " * 600}]  # ~3000 tokens
+    async for engine in _engine(smollm2, max_running=4):
+        stream = await engine.start(long, SamplingParams(max_tokens=5))
+        with anyio.fail_after(10):
+            while engine.stats.prefill_runs_total < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        stream.close()  # the client leaves mid-prefill
+        with anyio.fail_after(5):
+            while not engine.idle:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        chunks = -(-stream.prompt_tokens // 64)
+        assert engine.stats.prefill_runs_total < chunks / 2  # stopped long before the end
+        # and the next request is served at once
+        t = anyio.current_time()
+        await _text(engine, FRANCE, SamplingParams(temperature=0, max_tokens=3))
+        assert anyio.current_time() - t < 5

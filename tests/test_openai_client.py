@@ -181,3 +181,24 @@ def test_sdk_with_api_keys(phi3_dir: Path, tmp_path: Path) -> None:
         assert "sk-alpha" not in (tmp_path / "server.log").read_text()
     finally:
         server.stop()
+
+
+def test_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=SMOL, messages=FRANCE, temperature=0.8, n=3,
+                                           seed=11, max_tokens=16)  # type: ignore[arg-type]
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert all(c.message.content for c in whole.choices)
+    assert whole.usage is not None and 3 <= whole.usage.completion_tokens <= 48
+    texts: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    finish: dict[int, str] = {}
+    stream = client.chat.completions.create(
+        model=SMOL, messages=FRANCE, temperature=0.8, n=3, seed=11,  # type: ignore[arg-type]
+        max_tokens=16, stream=True)
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index].append(choice.delta.content or "")
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    # the same seed gives the same three answers, streamed or not
+    assert ["".join(texts[i]) for i in range(3)] == [c.message.content for c in whole.choices]
+    assert sorted(finish) == [0, 1, 2]

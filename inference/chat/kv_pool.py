@@ -90,6 +90,8 @@ class KVPool:
         if rows > self.max_rows:
             return False
         longest = max([*running, *needs])
+        if longest > self.largest_sequence:
+            return False
         return rows * self._target_cap(longest, rows) <= self.budget_tokens
 
     def add(self, need: int) -> int:

@@ -1,0 +1,76 @@
+"""The KV pool's accounting and buffer moves: room within the budget, reshapes that keep what
+was written, compaction when a row leaves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.chat.kv_pool import GRANULARITY, KVLayout, KVPool
+
+LAYOUT = KVLayout(tensors=4, kv_heads=2, head_size=8, dtype=np.dtype(np.float32), context=4096)
+
+
+def _pool(tokens: int, rows: int = 8) -> KVPool:
+    return KVPool(LAYOUT, budget_bytes=tokens * LAYOUT.bytes_per_token, max_rows=rows)
+
+
+def _write(pool: KVPool, row: int, length: int, value: float) -> None:
+    assert pool.buffer is not None
+    pool.buffer[:, row, :, :length] = value
+    pool.used[row] = length
+
+
+def test_fits_counts_rows_and_the_shared_stride() -> None:
+    pool = _pool(4096)
+    assert pool.fits([1000, 1000, 1000, 1000])  # 4 rows x 1024 = 4096
+    assert not pool.fits([1000] * 5)
+    assert not pool.fits([1000, 3500])  # the stride follows the longest: 2 x 3584 > 4096
+    assert pool.fits([4096], alone=True) and not pool.fits([4097], alone=True)
+    assert not _pool(10**6, rows=2).fits([10, 10, 10])  # max_rows
+    assert pool.largest_sequence == 4096
+
+
+def test_reshape_keeps_what_was_written_and_stays_in_budget() -> None:
+    pool = _pool(4096)
+    for need in (100, 200):
+        pool.add(need)
+    pool.ensure()
+    assert pool.cap == GRANULARITY and pool.rows == 8  # as many rows as the budget allows
+    _write(pool, 0, 100, 1.0)
+    _write(pool, 1, 150, 2.0)
+    assert not pool.fits([1500])  # 3 rows of 1500 would not fit 4096 tokens
+    assert pool.fits([1200])
+    pool.add(1200)
+    pool.ensure()  # a longer stride: fewer rows, the data moved along
+    assert pool.cap == 1280 and pool.rows == 3
+    assert pool.allocated_bytes <= pool.budget_bytes
+    assert pool.buffer is not None and pool.reshapes == 1
+    assert (pool.buffer[:, 0, :, :100] == 1.0).all() and (pool.buffer[:, 1, :, :150] == 2.0).all()
+
+
+def test_a_leaving_row_is_filled_by_the_last_and_idle_frees_memory() -> None:
+    pool = _pool(4096)
+    for need in (100, 100, 100):
+        pool.add(need)
+    pool.ensure()
+    for row in range(3):
+        _write(pool, row, 10 + row, float(row))
+    assert pool.remove(0) == 2  # the last row moved into row 0
+    assert pool.buffer is not None
+    assert pool.used == [12, 11] and (pool.buffer[:, 0, :, :12] == 2.0).all()
+    assert pool.remove(1) is None
+    assert pool.remove(0) is None
+    assert pool.buffer is None and pool.allocated_bytes == 0
+
+
+@pytest.mark.parametrize("needs", [[10], [4096], [1000, 1000, 1000, 1000]])
+def test_describe_reports_use(needs: list[int]) -> None:
+    pool = _pool(4096)
+    for need in needs:
+        pool.add(need)
+    pool.ensure()
+    info = pool.describe()
+    assert info["reserved_bytes"] == sum(needs) * LAYOUT.bytes_per_token
+    assert info["allocated_bytes"] <= info["budget_bytes"]
+    assert info["rows_in_use"] == len(needs)
