@@ -54,14 +54,16 @@ def served(*args: str, ready_s: float = 120) -> Iterator[str]:
 def stream_chat(url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
                 client: httpx.Client | None = None) -> dict[str, Any]:
     """One greedy SSE chat (on `client`'s pooled connection if given, else a new one): its
-    status, time to first content, decode tokens/s, tokens, and when it ended (seconds from
-    the request). Tokens that complete no character arrive with the next chunk, so decode
-    speed is the tokens after the first over the span from first to last content chunk."""
+    status, time to first content, decode tokens/s, tokens, when it ended (seconds from the
+    request), and when each content chunk arrived (`arrivals`, perf_counter seconds). Tokens
+    that complete no character arrive with the next chunk, so decode speed is the tokens after
+    the first over the span from first to last content chunk."""
     body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = 0.0
     tokens = 0
+    arrivals: list[float] = []
     with (client.stream("POST", url, json=body) if client is not None else
           httpx.stream("POST", url, json=body, timeout=600)) as resp:
         status = resp.status_code
@@ -74,8 +76,24 @@ def stream_chat(url: str, model: str, messages: list[dict[str, str]], max_tokens
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
+                arrivals.append(last)
     return {"status": status, "ttft_s": first - t0, "tokens": tokens,
-            "tok_s": (tokens - 1) / max(last - first, 1e-9), "end_s": time.perf_counter() - t0}
+            "tok_s": (tokens - 1) / max(last - first, 1e-9), "end_s": time.perf_counter() - t0,
+            "arrivals": arrivals}
+
+
+def gaps(arrivals: list[float], start: float = 0.0, end: float = float("inf")) -> list[float]:
+    """Seconds between consecutive content chunks that arrived within [start, end]."""
+    times = [t for t in arrivals if start <= t <= end]
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 def level_stats(ttfts: list[float], tokens: int, wall_s: float) -> dict[str, float]:

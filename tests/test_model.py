@@ -45,3 +45,30 @@ def test_corrupt_onnx_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
     (folder / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="onnxruntime could not load"):
         ChatModel.load(folder)
+
+
+def test_pool_runs_match_the_plain_loop_and_pools_stay_apart(phi3: ChatModel) -> None:
+    # Prefill then batched decode over a KV pool gives the plain loop's logits; two pools on
+    # one model (engines in tests share models) never see each other's buffers.
+    from inference.chat.kv_pool import KVPool
+
+    prompts = [phi3.encode_prompt([{"role": "user", "content": text}])
+               for text in ("Count to five: one, two,", "hi", "A longer prompt " * 20)]
+    expected = []
+    for ids in prompts:
+        cache = phi3.new_cache()
+        first = phi3.forward(cache, ids)
+        expected.append((first, phi3.forward(cache, [int(np.argmax(first))])))
+    small = KVPool(phi3.kv_layout(), budget_bytes=2**24, max_rows=4)
+    big = KVPool(phi3.kv_layout(), budget_bytes=2**26, max_rows=4)
+    for pool, need, order in ((small, 300, [0, 1, 2]), (big, 3000, [2, 0, 1])):
+        firsts = [phi3.prefill(pool, pool.add(need), prompts[i]) for i in order]
+        steps = phi3.decode(pool, [int(np.argmax(f)) for f in firsts])
+        for i, got_first, got_step in zip(order, firsts, steps, strict=True):
+            want_first, want_step = expected[i]
+            np.testing.assert_allclose(got_first, want_first, atol=1e-5)
+            np.testing.assert_allclose(got_step, want_step, atol=1e-5)
+        assert pool.buffer is not None  # the run wrote this pool's own buffer
+        for row, i in enumerate(order):
+            assert np.abs(pool.buffer[:, row, :, :len(prompts[i])]).min(axis=-1).any()
+    assert small.cap < big.cap

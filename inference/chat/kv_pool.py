@@ -55,7 +55,8 @@ class KVPool:
         self.reserved: list[int] = []  # per row in use: tokens reserved
         self.used: list[int] = []  # per row in use: tokens written
         self.reshapes = 0
-        self.generation = 0  # bumps when the buffer changes, so views built on it expire
+        # Runtime handles on row ranges of the buffer, built by the model and dropped with it
+        self.views: dict[tuple[int, int], list[Any]] = {}
 
     @property
     def rows(self) -> int:
@@ -117,7 +118,7 @@ class KVPool:
                     fresh[:, row, :, :used] = self.buffer[:, row, :, :used]
             self.reshapes += 1
         self.buffer = fresh
-        self.generation += 1
+        self.views.clear()
 
     def remove(self, row: int) -> int | None:
         """Device thread: free `row`. The last row moves into it to keep rows contiguous;
@@ -132,7 +133,7 @@ class KVPool:
         self.used.pop()
         if not self.reserved:  # idle: give the memory back
             self.buffer = None
-            self.generation += 1
+            self.views.clear()
         return moved
 
     def copy(self, src: int, dst: int, length: int) -> None:

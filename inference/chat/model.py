@@ -65,7 +65,6 @@ class ChatModel:
         self._mask_dtype = np.int32 if "int32" in inputs[spec.attention_mask_name].type \
             else np.int64
         self._output_names = [spec.logits_name, *self._present_names]
-        self._views: dict[tuple[int, int, int], list[object]] = {}  # pool rows -> OrtValues
         self.vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
                               _logits_width(self._session, spec.logits_name))
         # No token stands for more text than the longest one (+1 for a leading space a
@@ -129,14 +128,11 @@ class ChatModel:
              ) -> npt.NDArray[np.generic]:
         pool.ensure()
         assert pool.buffer is not None
-        key = (pool.generation, first, end)
-        views = self._views.get(key)
+        views = pool.views.get((first, end))
         if views is None:
-            if len(self._views) > 64 or any(k[0] != pool.generation for k in self._views):
-                self._views.clear()
             views = [ort.OrtValue.ortvalue_from_numpy(pool.buffer[i, first:end])
                      for i in range(len(self._past_names))]
-            self._views[key] = views
+            pool.views[(first, end)] = views
         io = self._session.io_binding()
         io.bind_output(self.spec.logits_name)  # first: fetched by position below
         for past, present, view in zip(self._past_names, self._present_names, views,
