@@ -160,6 +160,7 @@ class ChatEngine:
         self._wakeup = anyio.Event()
         self._arrival = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._posted: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._accepting = False
 
     @property
@@ -309,15 +310,20 @@ class ChatEngine:
     def _round(self) -> None:
         """Device thread: prefill chunks and decode steps until the round ends."""
         deadline = time.monotonic() + self._round_s
-        while not self._arrival.is_set() and time.monotonic() < deadline:
-            self._release()
-            if not self._rows:
-                return
-            reading = next((c for c in self._rows if c.state == "prefill"), None)
-            if reading is not None:
-                self._prefill(reading)
-            if any(c.state == "decode" for c in self._rows):
-                self._decode()
+        try:
+            while not self._arrival.is_set() and time.monotonic() < deadline:
+                self._release()
+                if not self._rows:
+                    return
+                reading = next((c for c in self._rows if c.state == "prefill"), None)
+                if reading is not None:
+                    self._prefill(reading)
+                    self._flush()  # a first token goes out before the decode step
+                if any(c.state == "decode" for c in self._rows):
+                    self._decode()
+                    self._flush()
+        finally:
+            self._flush()
 
     def _release(self) -> None:
         """Free the rows of finished and cancelled choices (compacting the pool)."""
@@ -393,8 +399,15 @@ class ChatEngine:
         self._post(self._close, gen, "failed", BackendUnavailable(f"inference failed: {exc}"))
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(callback, *args)
+        """Queue an event-loop call; `_flush` sends a step's calls in one wake-up (one per
+        delta cost the event loop, and the cores onnxruntime shares with it, more)."""
+        self._posted.append((callback, args))
+
+    def _flush(self) -> None:
+        if self._posted:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_call_all, self._posted)
+            self._posted = []
 
     # --- the event loop ------------------------------------------------------------------
 
@@ -426,3 +439,8 @@ class ChatEngine:
             self.stats.failed_total += 1
         else:
             self.stats.completed_total += 1
+
+
+def _call_all(calls: list[tuple[Callable[..., None], tuple[object, ...]]]) -> None:
+    for callback, args in calls:
+        callback(*args)
