@@ -3,7 +3,7 @@
 1. admission: what a request costs before the context-length check can refuse it, against its
    message count and at the body-size limit (event-loop time to parse and validate; worker
    time to render and tokenize), and how much the default model's context can hold.
-2. queue: a burst of streamed chats against `--max-running 8` with an unbounded queue: how
+2. queue: a burst of streamed chats against `--max-running` with an unbounded queue: how
    long a request waits (its TTFT) against how many requests are ahead of it. The default of
    --max-waiting is the longest queue whose last request still starts within --budget-s.
 3. socket: N conversations multiplexed on one WebSocket: aggregate tokens/s and TTFT against
@@ -46,6 +46,7 @@ from server.metrics import Metrics  # noqa: E402
 from server.protocol import EmbeddingRequest, parse_json_body, parse_model  # noqa: E402
 from server.registry import ModelRegistry  # noqa: E402
 from server.serving_chat import ChatService  # noqa: E402
+from server.settings import Settings  # noqa: E402
 
 MIB = 1024 * 1024
 # Everyday prompts; under greedy decoding the 135M default model often runs to the length
@@ -214,6 +215,7 @@ def main() -> int:
                     help="reply length in the queue burst (about a paragraph)")
     ap.add_argument("--budget-s", type=float, default=30.0,
                     help="the longest a queued request should wait for its first token")
+    ap.add_argument("--max-running", type=int, default=Settings().max_running_per_model)
     ap.add_argument("--max-messages", type=int, default=2048)
     ap.add_argument("--body-limit", type=int, default=4 * MIB)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/limits.json")
@@ -221,12 +223,13 @@ def main() -> int:
 
     adm = admission(ChatModel.load(args.model), args.max_messages, args.body_limit)
     with served("--chat-model", str(args.model),
-                "--max-running", "8", "--max-waiting", "100000",
+                "--max-running", str(args.max_running), "--max-waiting", "100000",
                 "--ws-max-conversations", "64") as base:
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
         stream_chat(base + "/v1/chat/completions", model, [{"role": "user", "content": "hi"}],
                     8)  # warm-up
-        q = queue(base, model, args.queue_requests, args.queue_max_tokens, 8, args.budget_s)
+        q = queue(base, model, args.queue_requests, args.queue_max_tokens, args.max_running,
+                  args.budget_s)
         time.sleep(1)
         s = socket(base, model, 64)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +260,8 @@ def main() -> int:
           f"{lim['one_long_text']['refused_ms']:.0f} ms refused by size; "
           f"embedding strings {lim['embedding_strings']['loop_ms']:.0f} ms; one-id lists "
           f"{lim['embedding_one_id_lists']['loop_ms']:.0f} ms unchecked")
-    print(f"queue: {q['requests']} streams of {q['max_tokens']} tokens at max-running 8: each "
+    print(f"queue: {q['requests']} streams of {q['max_tokens']} tokens at max-running "
+          f"{q['max_running']}: each "
           f"request ahead adds {q['wait_s_per_request_ahead']:.2f} s of wait; the longest "
           f"queue within {q['budget_s']:g} s is {q['longest_queue_within_budget']} "
           f"(last queued TTFT {q['ttft_s'][-1]:.1f} s)")

@@ -28,7 +28,7 @@ class Settings:
     qnn_buckets: tuple[tuple[int, int], ...] = DEFAULT_BUCKETS
     qnn_max_batch: int = 8
     models_dir: Path = field(default_factory=default_models_dir)
-    max_running_per_model: int = 8
+    max_running_per_model: int = 16  # benchmarks/chat_concurrency.py (README: Limits)
     kv_budget_mib: int = DEFAULT_KV_BUDGET // 2**20  # per chat model (README: KV cache)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill run
     max_waiting_per_model: int = 16  # benchmarks/limits.py: ~23 s to start at the back

@@ -107,3 +107,44 @@ def test_huge_headers_get_431_over_a_real_socket(phi3_dir: Path, tmp_path: Path)
         assert resp.status_code == 431
     finally:
         server.stop()
+
+
+def _chat_stats(server: LiveServer) -> dict[str, int]:
+    health = server.health()
+    entry = next(m for m in health["models"] if m["task"] == "chat")
+    return {**entry["stats"], "running": entry["requests_running"],
+            "waiting": entry["requests_waiting"]}
+
+
+def test_a_client_leaving_during_a_long_prefill_stops_it(smollm2_dir: Path,
+                                                         tmp_path: Path) -> None:
+    # ~6000 prompt tokens are ~100 prefill chunks (over 10 s here); the client gives up after
+    # one second, streamed and not, and the server stops at its next chunk
+    server = LiveServer(chat=[smollm2_dir], embedding=[], log=tmp_path / "server.log")
+    long = {"model": "smollm2-135m-instruct", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Tell me a story. " * 1200}]}
+    try:
+        for stream in (True, False):
+            before = _chat_stats(server)
+            try:
+                with httpx.stream("POST", server.base_url + "/v1/chat/completions",
+                                  json={**long, "stream": stream}, timeout=1.0) as resp:
+                    for _ in resp.iter_lines():
+                        pass
+            except httpx.TimeoutException:
+                pass
+            deadline = time.monotonic() + 5
+            while _chat_stats(server)["running"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            after = _chat_stats(server)
+            assert after["running"] == 0 and after["waiting"] == 0, after
+            assert after["cancelled_total"] == before["cancelled_total"] + 1
+            assert after["prefill_runs_total"] - before["prefill_runs_total"] < 50
+            # the next request does not wait behind the abandoned prompt
+            started = time.monotonic()
+            resp = httpx.post(server.base_url + "/v1/chat/completions", timeout=30, json={
+                "model": "smollm2-135m-instruct", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}]})
+            assert resp.status_code == 200 and time.monotonic() - started < 5
+    finally:
+        server.stop()

@@ -61,8 +61,17 @@ async def test_metrics_cover_chat_and_embeddings(app: Quart) -> None:
     assert _value(text, "npugate_prompt_tokens_total", model=CHAT) > 0
     assert _value(text, "npugate_num_requests_running", model=CHAT) == 0
     assert _value(text, "npugate_chat_requests_total", model=CHAT, outcome="completed") == 2
+    # model runs, not deliveries: each request is one prefill run, then a decode run per
+    # token after the first (the two ran one after the other, so no run stepped both)
     assert _value(text, "npugate_model_runs_total", model=CHAT,
-                  provider="CPUExecutionProvider") == 8
+                  provider="CPUExecutionProvider") == 2 + 4 + 2
+    assert _value(text, "npugate_decode_batch_size_count", model=CHAT) == 6
+    assert _value(text, "npugate_decode_batch_size_sum", model=CHAT) == 6
+    assert _value(text, "npugate_prefill_chunk_tokens_count", model=CHAT) == 2
+    assert _value(text, "npugate_chat_model_run_seconds_count", model=CHAT, kind="decode") == 6
+    assert _value(text, "npugate_kv_cache_bytes", model=CHAT, kind="budget") == 2**31
+    assert _value(text, "npugate_kv_cache_bytes", model=CHAT, kind="reserved") == 0
+    assert _value(text, "npugate_kv_cache_rows", model=CHAT, kind="in_use") == 0
     emb = "bert-tiny-cls-random"
     assert _value(text, "npugate_embedding_inputs_total", model=emb) == 3
     assert _value(text, "npugate_embedding_batch_size_sum", model=emb) == 3
@@ -71,3 +80,39 @@ async def test_metrics_cover_chat_and_embeddings(app: Quart) -> None:
                   provider="CPUExecutionProvider") >= 1
     assert _value(text, "npugate_cpu_fallback", model=emb) == 0
     assert _value(text, "npugate_model_ready", model=emb, task="embedding") == 1
+
+
+async def test_decode_batches_and_kv_use_while_streams_run(app: Quart) -> None:
+    import anyio
+
+    client = app.test_client()
+    seen: dict[str, float] = {}
+
+    async def chat() -> None:
+        await client.post("/v1/chat/completions", json={
+            "model": CHAT, "messages": HELLO, "max_tokens": 600, "temperature": 0})
+
+    async def watch() -> None:
+        for _ in range(200):
+            text = (await (await client.get("/metrics")).get_data()).decode()
+            rows = _value(text, "npugate_kv_cache_rows", model=CHAT, kind="in_use")
+            if rows == 3:
+                seen["reserved"] = _value(text, "npugate_kv_cache_bytes", model=CHAT,
+                                          kind="reserved")
+                seen["allocated"] = _value(text, "npugate_kv_cache_bytes", model=CHAT,
+                                           kind="allocated")
+                health = await (await client.get("/health")).get_json()
+                seen["health_rows"] = health["models"][0]["kv_cache"]["rows_in_use"]
+                return
+            await anyio.sleep(0.005)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(chat)
+        tg.start_soon(watch)
+    assert seen["reserved"] > 0 and 0 < seen["allocated"] <= 2**31
+    assert seen["health_rows"] == 3
+    text = (await (await client.get("/metrics")).get_data()).decode()
+    runs = _value(text, "npugate_decode_batch_size_count", model=CHAT)
+    stepped = _value(text, "npugate_decode_batch_size_sum", model=CHAT)
+    assert stepped == 3 * 599 and runs < stepped  # three streams shared decode runs
