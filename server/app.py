@@ -22,7 +22,7 @@ from server.errors import APIError, internal_error, to_api_error
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.responses import json_response
-from server.routes import chat, embeddings, health, models, web, ws
+from server.routes import chat, completions, embeddings, health, models, web, ws
 from server.security import (
     APIKeys,
     host_allowed,
@@ -34,6 +34,7 @@ from server.security import (
     unauthorized,
 )
 from server.serving_chat import ChatService
+from server.serving_completions import CompletionService
 from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
 from server.state import AppState, app_state
@@ -62,9 +63,11 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
         settings=settings, registry=registry,
         chat=ChatService(registry, metrics, max_messages=settings.max_messages,
                          max_tokens_limit=settings.max_tokens_limit),
+        completions=CompletionService(registry, metrics,
+                                      max_tokens_limit=settings.max_tokens_limit),
         embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs),
         metrics=metrics)
-    for bp in (chat.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
+    for bp in (chat.bp, completions.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
         app.register_blueprint(bp)
     _register_error_handlers(app)
     _register_access_hooks(app, settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.protocol import ChatCompletionRequest, EmbeddingRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -25,7 +25,7 @@ def _post(summary: str, schema: str, ok: dict[str, Any]) -> dict[str, Any]:
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
-        "responses": {"200": ok, **_errors(400, 401, 404, 413, 429, 503)}}}
+        "responses": {"200": ok, **_errors(400, 401, 403, 404, 413, 415, 429, 431, 503)}}}
 
 
 def _get(summary: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def _get(summary: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, EmbeddingRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -57,6 +57,12 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}, {}],
         "paths": {
             "/v1/chat/completions": _post("Chat completion", "ChatCompletionRequest", chat_ok),
+            "/v1/completions": _post(
+                "Legacy text completion (no chat template)", "CompletionRequest",
+                {"description": "A text_completion, or with stream=true an SSE stream of "
+                                "text_completion events ending in data: [DONE]",
+                 "content": {"application/json": {"schema": {"type": "object"}},
+                             "text/event-stream": {"schema": {"type": "string"}}}}),
             "/v1/embeddings": _post("Embeddings", "EmbeddingRequest",
                                     _json("A list of embedding objects")),
             "/v1/models": _get("Models ready to serve", _json("A list of models"), 401),

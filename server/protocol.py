@@ -1,4 +1,5 @@
-"""OpenAI wire schemas for chat completions, parsed once at the edge with pydantic.
+"""OpenAI wire schemas (chat completions, legacy completions, embeddings), parsed once at the
+edge with pydantic.
 
 Unknown fields are accepted and ignored, as OpenAI clients and agent frameworks expect.
 An explicit `null` on an optional field means "unset", as OpenAI reads it: clients that
@@ -71,13 +72,13 @@ class ResponseFormat(_WireModel):
     type: str = "text"
 
 
-class ChatCompletionRequest(_WireModel):
+class _Generation(_WireModel):
+    """The fields chat and legacy completions share: sampling, stopping, streaming."""
+
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     # Unset sampling fields take the model folder's defaults (see ChatModelSpec.sampling).
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -87,9 +88,8 @@ class ChatCompletionRequest(_WireModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
-    logprobs: bool | None = None
-    response_format: ResponseFormat | None = None
     logit_bias: dict[str, float] | None = None
+    user: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -121,10 +121,20 @@ class ChatCompletionRequest(_WireModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def completion_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    response_format: ResponseFormat | None = None
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
     def check_supported(self) -> None:
         """Reject options this server cannot honour rather than silently ignoring them."""
@@ -181,8 +191,8 @@ def _input_kind(value: Any) -> str:
     return "texts" if isinstance(value, list) else "text"
 
 
-INPUT_TAGS = ("text", "texts", "ids", "id_lists")
-EmbeddingInput = Annotated[
+INPUT_TAGS = ("text", "texts", "ids", "id_lists")  # also the legacy prompt's kinds
+TextsOrTokenIds = Annotated[
     Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts")]
     | Annotated[list[int], Tag("ids")] | Annotated[list[list[int]], Tag("id_lists")],
     Discriminator(_input_kind)]
@@ -190,7 +200,7 @@ EmbeddingInput = Annotated[
 
 class EmbeddingRequest(_WireModel):
     model: str
-    input: EmbeddingInput
+    input: TextsOrTokenIds
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -198,17 +208,53 @@ class EmbeddingRequest(_WireModel):
     def inputs(self) -> list[str] | list[list[int]]:
         """The inputs as a list of texts or a list of token-id lists, none empty. (Their count
         is checked before validation, by EmbeddingService.parse.)"""
-        raw = self.input
-        items: list[str] | list[list[int]]
-        if isinstance(raw, str):
-            items = [raw]
-        elif raw and all(isinstance(x, int) for x in raw):
-            items = [cast(list[int], raw)]  # a single token-id list
-        else:
-            items = cast(list[str] | list[list[int]], raw)
+        items = _as_list(self.input)
         if not items:
             raise bad_request("input must not be empty", param="input")
         for i, item in enumerate(items):
             if not item or (isinstance(item, str) and not item.strip()):
                 raise bad_request(f"input {i} is empty", param="input")
         return items
+
+
+def _as_list(raw: str | list[str] | list[int] | list[list[int]]
+             ) -> list[str] | list[list[int]]:
+    """One text, texts, one token-id list, or token-id lists, as a list of texts or lists."""
+    if isinstance(raw, str):
+        return [raw]
+    if raw and all(isinstance(x, int) for x in raw):
+        return [cast(list[int], raw)]  # a single token-id list
+    return cast(list[str] | list[list[int]], raw)
+
+
+class CompletionRequest(_Generation):
+    """Legacy `/v1/completions`: plain text in, text out, no chat template."""
+
+    prompt: TextsOrTokenIds
+    max_tokens: int | None = Field(default=None, ge=1)  # unset: 16, OpenAI's default here
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1)
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list of texts or of token-id lists, none empty."""
+        items = _as_list(self.prompt)
+        if not items or any(not item for item in items):
+            raise bad_request("prompt must not be empty", param="prompt")
+        return items
+
+    def check_supported(self) -> None:
+        """What needs what these models cannot give is refused, never ignored."""
+        if self.suffix:
+            raise bad_request(
+                "suffix (fill-in-the-middle) is not supported: the served models' templates "
+                "have no fill-in-the-middle tokens", param="suffix")
+        if self.logprobs:
+            raise bad_request(
+                "logprobs are not supported on /v1/completions yet; with echo they would also "
+                "need the prompt's logits, which graphs built with a pruned LM head (the "
+                "model builder's default) do not compute", param="logprobs")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of other than n is not supported (it needs scoring every "
+                              "choice by log-probability)", param="best_of")

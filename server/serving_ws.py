@@ -33,8 +33,9 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
+from server.generation import is_usage_chunk
 from server.security import APIKeys, unauthorized
-from server.serving_chat import ChatService, is_usage_chunk
+from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
 
 log = logging.getLogger(__name__)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
+
+from server.errors import APIError
+from server.generation import Event, is_usage_chunk
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -18,3 +23,20 @@ PING = b": ping\n\n"
 def event(payload: dict[str, Any]) -> bytes:
     """One `data:` event holding `payload` as compact JSON."""
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def frames(events: AsyncGenerator[Event, None], include_usage: bool
+                 ) -> AsyncIterator[bytes]:
+    """Frame a generation's events: chunks as `data:` events (the usage chunk only when asked
+    for), pings for silences, an error after the stream started as one event, then [DONE].
+    Leaving this generator for any reason (client gone included) closes `events`, which stops
+    the generation at its next step."""
+    async with aclosing(events):
+        async for item in events:
+            if item is None:
+                yield PING
+            elif isinstance(item, APIError):  # headers are gone: report in-band, then end
+                yield event(item.body())
+            elif include_usage or not is_usage_chunk(item):
+                yield event(item)
+    yield DONE

@@ -11,6 +11,7 @@ from quart import current_app
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.serving_chat import ChatService
+from server.serving_completions import CompletionService
 from server.serving_embeddings import EmbeddingService
 from server.settings import Settings
 
@@ -20,6 +21,7 @@ class AppState:
     settings: Settings
     registry: ModelRegistry
     chat: ChatService
+    completions: CompletionService
     embeddings: EmbeddingService
     metrics: Metrics
     started: float = field(default_factory=time.monotonic)

@@ -252,7 +252,7 @@ async def test_n_choices_share_one_prefill(phi3: ChatModel) -> None:
             sampled = [d async for d in stream]
         texts = ["".join(d.text for d in sampled if d.index == i) for i in range(3)]
         assert len(set(texts)) == 3  # each choice draws from its own generator
-        with pytest.raises(InvalidInput, match="n=5"):
+        with pytest.raises(InvalidInput, match="5 choices need 5 decode slots"):
             await engine.start(FRANCE, SamplingParams(), n=5)
 
 

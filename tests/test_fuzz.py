@@ -32,6 +32,7 @@ VALID = {
     "/v1/chat/completions": {"model": CHAT, "max_tokens": 4,
                              "messages": [{"role": "user", "content": "hi"}]},
     "/v1/embeddings": {"model": EMB, "input": "hello"},
+    "/v1/completions": {"model": CHAT, "max_tokens": 4, "prompt": "hi"},
 }
 
 
@@ -70,8 +71,8 @@ def _properties(doc: dict[str, Any], path: str) -> list[str]:
 def test_document_lists_every_route(live: tuple[httpx.Client, dict[str, Any]]) -> None:
     _, doc = live
     assert doc["openapi"].startswith("3.1")
-    assert {"/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health",
-            "/metrics"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
+            "/health", "/metrics"} <= set(doc["paths"])
     assert "messages" in _properties(doc, "/v1/chat/completions")
 
 
@@ -130,7 +131,7 @@ def test_explicit_nulls_and_numeric_edges(live: tuple[httpx.Client, dict[str, An
     changed: dict[str, Any] = {}
     for field in data.draw(st.lists(st.sampled_from(_properties(doc, path)), min_size=1,
                                     max_size=4, unique=True)):
-        if field not in ("model", "messages", "input"):
+        if field not in ("model", "messages", "input", "prompt"):
             changed[field] = data.draw(NUMERIC_EDGES)
     if data.draw(st.booleans()):
         changed["logit_bias"] = {str(data.draw(st.integers(0, 40000))):

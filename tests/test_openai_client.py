@@ -202,3 +202,13 @@ def test_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
     # the same seed gives the same three answers, streamed or not
     assert ["".join(texts[i]) for i in range(3)] == [c.message.content for c in whole.choices]
     assert sorted(finish) == [0, 1, 2]
+
+
+def test_legacy_completions(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model=SMOL, prompt="The capital of France is",
+                                      max_tokens=8, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=SMOL, prompt="The capital of France is", max_tokens=8, temperature=0,
+        stream=True) if c.choices]
+    assert "".join(pieces) == whole.choices[0].text

@@ -106,7 +106,7 @@ class GenerationStream(DeltaStream):
                  receive: MemoryObjectReceiveStream[ChatDelta | InferenceError]) -> None:
         self._gen = gen
         self._receive = receive
-        self.prompt_tokens = len(gen.prompt_ids)
+        self.prompt_tokens = gen.prompt_tokens
         self.choices = len(gen.choices)
 
     @property
@@ -185,66 +185,95 @@ class ChatEngine:
     def idle(self) -> bool:
         return not self._waiting and not self._rows
 
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of token ids (special tokens kept, as a prompt holds them)."""
+        return str(self.model.tokenizer.decode(token_ids, skip_special_tokens=False))
+
     def kv_usage(self) -> dict[str, int]:
         """The KV pool's budget, allocation and use, for /health and /metrics."""
         return self.pool.describe()
 
     async def start(self, messages: list[dict[str, str]], params: SamplingParams, *,
                     n: int = 1) -> GenerationStream:
-        """Queue a generation of `n` choices. Raises before anything streams if it cannot be
-        served."""
-        if not self._accepting:
-            raise BackendUnavailable(f"model {self.model_id} is not running")
+        """Queue a chat generation of `n` choices. Raises before anything streams if it
+        cannot be served."""
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
-        if n > self._max_running:
-            raise InvalidInput(f"n={n} needs {n} decode slots; this server runs at most "
-                               f"{self._max_running} per model", param="n")
+        self._check_start(params, n)
+        prompt = await anyio.to_thread.run_sync(self.model.encode_prompt, messages)
+        return self._enqueue([prompt], params, n, param="messages")
+
+    async def start_completion(self, prompts: list[str] | list[list[int]],
+                               params: SamplingParams, *, n: int = 1) -> GenerationStream:
+        """Queue a plain-text completion: `n` choices for each prompt (text, or token ids of
+        this model's vocabulary), no chat template."""
+        if not prompts:
+            raise InvalidInput("prompt must not be empty", param="prompt")
+        self._check_start(params, n * len(prompts))
+        if isinstance(prompts[0], str):
+            texts = [str(p) for p in prompts]
+            ids = await anyio.to_thread.run_sync(self.model.encode_texts, texts)
+        else:
+            ids = [list(map(int, p)) for p in prompts]
+            self.model.check_token_ids(ids)
+        return self._enqueue(ids, params, n, param="prompt")
+
+    def _check_start(self, params: SamplingParams, choices: int) -> None:
+        if not self._accepting:
+            raise BackendUnavailable(f"model {self.model_id} is not running")
+        if choices > self._max_running:
+            raise InvalidInput(f"{choices} choices need {choices} decode slots; this server "
+                               f"runs at most {self._max_running} per model", param="n")
         for token, _ in params.logit_bias:
             if token >= self.model.vocab_size:
                 raise InvalidInput(f"logit_bias names token {token}; this model's vocabulary "
                                    f"has {self.model.vocab_size} tokens", param="logit_bias")
         self._check_queue()  # before tokenizing: an overloaded server refuses cheaply
-        prompt_ids = await anyio.to_thread.run_sync(self.model.encode_prompt, messages)
-        max_tokens = self._max_tokens(len(prompt_ids), params.max_tokens, n)
+
+    def _enqueue(self, prompts: list[list[int]], params: SamplingParams, n: int, *,
+                 param: str) -> GenerationStream:
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise InvalidInput("a prompt has no tokens", param=param)
+        max_tokens = self._max_tokens(longest, params.max_tokens, param)
+        needs = [len(p) + max_tokens for p in prompts for _ in range(n)]
+        if not self.pool.fits(needs, alone=True):
+            budget = self.pool.budget_bytes // 2**20
+            raise InvalidInput(
+                f"{len(needs)} choices of up to {max(needs)} tokens each need more KV cache "
+                f"than this server's budget of {budget} MiB holds; ask for fewer choices or "
+                "tokens", param="n")
         self._check_queue()  # again: others may have queued while this prompt was tokenized
         send, receive = anyio.create_memory_object_stream[ChatDelta | InferenceError](
-            max_buffer_size=n * max_tokens + 2)  # one item per step at most: bounded
-        gen = Generation(self.model, prompt_ids, params, max_tokens, n, send)
+            max_buffer_size=len(needs) * max_tokens + 2)  # one item per step at most: bounded
+        gen = Generation(self.model, prompts, params, max_tokens, n, send)
         self._waiting.append(gen)
         self.stats.requests_total += 1
-        self.stats.prompt_tokens_total += len(prompt_ids)
+        self.stats.prompt_tokens_total += gen.prompt_tokens
         self._arrival.set()
         self._wakeup.set()
         return GenerationStream(gen, receive)
 
-    def _max_tokens(self, prompt: int, asked: int | None, n: int) -> int:
+    def _max_tokens(self, prompt: int, asked: int | None, param: str) -> int:
         context = self.model.spec.context_length
         if prompt >= context:
             raise ContextTooLong(
-                f"this model's maximum context length is {context} tokens, but the messages "
-                f"take {prompt} tokens", param="messages")
+                f"this model's maximum context length is {context} tokens, but the {param} "
+                f"take {prompt} tokens", param=param)
         room = context - prompt
         if asked is not None and asked > room:
             raise ContextTooLong(
-                f"this model's maximum context length is {context} tokens; the messages take "
+                f"this model's maximum context length is {context} tokens; the {param} take "
                 f"{prompt} and max_tokens asks for {asked} more", param="max_tokens")
         kv_room = self.pool.largest_sequence - prompt
-        budget = self.pool.budget_bytes // 2**20
         if kv_room < 1 or (asked is not None and asked > kv_room):
             raise InvalidInput(
-                f"the messages ({prompt} tokens) and max_tokens need more KV cache than this "
-                f"server's budget of {budget} MiB holds ({self.pool.largest_sequence} tokens "
-                "for this model); ask for fewer tokens, or raise --kv-budget",
-                param="max_tokens" if kv_room >= 1 else "messages")
-        max_tokens = asked if asked is not None else \
+                f"the {param} ({prompt} tokens) and max_tokens need more KV cache than this "
+                f"server's budget of {self.pool.budget_bytes // 2**20} MiB holds "
+                f"({self.pool.largest_sequence} tokens for this model); ask for fewer tokens, "
+                "or raise --kv-budget", param="max_tokens" if kv_room >= 1 else param)
+        return asked if asked is not None else \
             min(room, kv_room, self._default_max_tokens or room)
-        if not self.pool.fits([prompt + max_tokens] * n, alone=True):
-            raise InvalidInput(
-                f"n={n} choices of {prompt + max_tokens} tokens each need more KV cache than "
-                f"this server's budget of {budget} MiB holds; ask for fewer choices or tokens",
-                param="n")
-        return max_tokens
 
     def _check_queue(self) -> None:
         if len(self._waiting) >= self._max_waiting:
@@ -297,12 +326,12 @@ class ChatEngine:
                 self._waiting.popleft()
                 self._close(gen, "cancelled", gen.stop_error)
                 continue
-            if not self.pool.fits([gen.reservation] * len(gen.choices)):
+            if not self.pool.fits([c.reservation for c in gen.choices]):
                 return  # it waits for room; later ones wait behind it (no starvation)
             self._waiting.popleft()
             gen.admitted_at = time.monotonic()
             for choice in gen.choices:
-                choice.row = self.pool.add(gen.reservation)
+                choice.row = self.pool.add(choice.reservation)
                 self._rows.append(choice)
 
     # --- the device thread ---------------------------------------------------------------
@@ -354,9 +383,10 @@ class ChatEngine:
             return
         if not choice.prompt_done:
             return
-        for other in gen.choices[1:]:  # n > 1: the prompt is read once, then copied
-            self.pool.copy(choice.row, other.row, len(gen.prompt_ids))
-        for each in gen.choices:
+        siblings = choice.siblings()
+        for other in siblings:  # n > 1: the prompt is read once, then copied
+            self.pool.copy(choice.row, other.row, len(choice.prompt))
+        for each in (choice, *siblings):
             self._emit(each, each.advance(logits))
 
     def _decode(self) -> None:

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from inference.chat.kv_pool import KVLayout, KVPool
 from inference.chat.spec import ChatModelSpec
 from inference.chat.template import ChatTemplate
-from inference.errors import ContextTooLong, ModelLoadError
+from inference.errors import ContextTooLong, InvalidInput, ModelLoadError
 from inference.providers import LoadedSession, cpu_session
 
 
@@ -90,6 +90,26 @@ class ChatModel:
                 f"this model's maximum context length is {context} tokens, but the messages "
                 f"are {size} bytes, more than that many tokens can hold", param="messages")
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize plain prompts (no chat template), with the tokenizer's own special tokens
+        (a BOS where the model expects one)."""
+        limit = self.spec.context_length * self.max_token_bytes
+        for text in texts:
+            if len(text) > limit or len(text.encode()) > limit:
+                raise ContextTooLong(
+                    f"this model's maximum context length is {self.spec.context_length} "
+                    f"tokens, but a prompt is {len(text.encode())} bytes, more than that many "
+                    "tokens can hold", param="prompt")
+        return [list(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def check_token_ids(self, prompts: list[list[int]]) -> None:
+        """Refuse token ids outside this model's vocabulary."""
+        for ids in prompts:
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise InvalidInput(f"token id {bad[0]} is outside this model's vocabulary "
+                                   f"(0..{self.vocab_size - 1})", param="prompt")
 
     def kv_layout(self) -> KVLayout:
         return KVLayout(tensors=2 * self.spec.num_layers, kv_heads=self.spec.num_kv_heads,

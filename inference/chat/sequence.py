@@ -1,4 +1,4 @@
-"""One generation (a request, with its `n` choices) and each choice's decoding state.
+"""One generation (a request: its prompts, `n` choices each) and each choice's decoding state.
 
 A `Choice` owns what must stay per sequence however it is batched: its sampler (and RNG), its
 detokenizer, its stop matcher and its row of the KV pool. The scheduler (`engine.py`) decides
@@ -36,12 +36,14 @@ class ChatDelta:
 
 
 class Generation:
-    """One request: its prompt, its choices and the stream its consumer reads."""
+    """One request: its prompts (a chat has one; a legacy completion may have several), `n`
+    choices for each, and the stream its consumer reads. Choice `p * n + j` is the j-th
+    answer to prompt p; the choices of one prompt share its prefill."""
 
-    def __init__(self, model: ChatModel, prompt_ids: list[int], params: SamplingParams,
+    def __init__(self, model: ChatModel, prompts: list[list[int]], params: SamplingParams,
                  max_tokens: int, n: int,
                  send: MemoryObjectSendStream[ChatDelta | InferenceError]) -> None:
-        self.prompt_ids = prompt_ids
+        self.prompts = prompts
         self.max_tokens = max_tokens
         self.send = send
         self.cancelled = False  # set by the consumer's side, or by stop_all
@@ -49,13 +51,13 @@ class Generation:
         self.ended = False  # the consumer has been told the end
         self.queued_at = time.monotonic()
         self.admitted_at: float | None = None
-        self.choices = [Choice(self, model, params, i) for i in range(n)]
+        self.choices = [Choice(self, model, params, prompt, p * n + j, j)
+                        for p, prompt in enumerate(prompts) for j in range(n)]
 
     @property
-    def reservation(self) -> int:
-        """KV positions each choice may fill: the prompt, then every completion token but the
-        last (which is sampled, never fed back)."""
-        return len(self.prompt_ids) + self.max_tokens
+    def prompt_tokens(self) -> int:
+        """Every prompt's tokens, each counted once (as OpenAI counts them)."""
+        return sum(len(p) for p in self.prompts)
 
     @property
     def finished(self) -> bool:
@@ -66,30 +68,42 @@ class Choice:
     """One sequence: a row of the pool, a sampler, a detokenizer and a stop matcher."""
 
     def __init__(self, generation: Generation, model: ChatModel, params: SamplingParams,
-                 index: int) -> None:
+                 prompt: list[int], index: int, sibling: int) -> None:
         self.generation = generation
+        self.prompt = prompt
         self.index = index
         self.row = -1  # set when admitted
-        self.fed = 0  # prompt tokens written to the row (the first choice prefills them)
-        # the first choice prefills; the others copy its rows and sample from its logits
-        self.state: State = "prefill" if index == 0 else "follow"
+        self.fed = 0  # prompt tokens written to the row (the first sibling prefills them)
+        # the first answer to a prompt prefills it; its siblings copy its row and sample from
+        # its logits
+        self.state: State = "prefill" if sibling == 0 else "follow"
         self.last = -1  # the token to feed next
         self.completion_tokens = 0
         self._eos = model.spec.eos_token_ids
         self._context = model.spec.context_length
-        self._sampler = Sampler(params, model.vocab_size, stream=index)
-        self._detok = IncrementalDetokenizer(model.tokenizer, generation.prompt_ids)
+        self._sampler = Sampler(params, model.vocab_size, stream=sibling)
+        self._detok = IncrementalDetokenizer(model.tokenizer, prompt)
         self._stops = StopMatcher(params.stop)
+
+    @property
+    def reservation(self) -> int:
+        """KV positions this choice may fill: its prompt, then every completion token but the
+        last (which is sampled, never fed back)."""
+        return len(self.prompt) + self.generation.max_tokens
 
     def next_chunk(self, size: int) -> list[int]:
         """The next prompt tokens to prefill."""
-        ids = self.generation.prompt_ids[self.fed:self.fed + size]
+        ids = self.prompt[self.fed:self.fed + size]
         self.fed += len(ids)
         return ids
 
     @property
     def prompt_done(self) -> bool:
-        return self.fed >= len(self.generation.prompt_ids)
+        return self.fed >= len(self.prompt)
+
+    def siblings(self) -> list[Choice]:
+        """The other answers to this choice's prompt (they follow its prefill)."""
+        return [c for c in self.generation.choices if c.prompt is self.prompt and c is not self]
 
     def advance(self, logits: npt.NDArray[np.float32]) -> ChatDelta:
         """Sample the next token from this choice's logits and turn it into a delta."""
@@ -107,12 +121,12 @@ class Choice:
             if self._stops.stopped:
                 finish = "stop"
             elif (self.completion_tokens >= gen.max_tokens
-                  or len(gen.prompt_ids) + self.completion_tokens >= self._context):
+                  or len(self.prompt) + self.completion_tokens >= self._context):
                 text += self._drain()
                 finish = "stop" if self._stops.stopped else "length"
         if finish is not None:
             self.state = "done"
-        return ChatDelta(text, finish, len(gen.prompt_ids), self.completion_tokens, self.index)
+        return ChatDelta(text, finish, len(self.prompt), self.completion_tokens, self.index)
 
     def _drain(self) -> str:
         return self._stops.push(self._detok.flush()) + self._stops.flush()

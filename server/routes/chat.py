@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
-
 from quart import Blueprint, Response, make_response, request
 
 from server import sse
-from server.errors import APIError
 from server.protocol import parse_json_body
 from server.responses import json_response
-from server.serving_chat import Event, is_usage_chunk
 from server.state import app_state
 
 bp = Blueprint("chat", __name__)
@@ -28,22 +23,7 @@ async def chat_completions() -> Response:
         return json_response(await state.chat.complete(req, stream))
     events = state.chat.events(req, stream, include_usage=req.include_usage(),
                                idle_s=state.settings.sse_ping_interval_s)
-    response = await make_response(_frames(events, req.include_usage()), 200, sse.HEADERS)
+    response = await make_response(sse.frames(events, req.include_usage()), 200, sse.HEADERS)
     assert isinstance(response, Response)
     response.timeout = None  # a stream lasts as long as the generation does
     return response
-
-
-async def _frames(events: AsyncGenerator[Event, None], include_usage: bool
-                  ) -> AsyncIterator[bytes]:
-    # Leaving this generator for any reason (client gone included) closes `events`, which
-    # stops the generation at its next step.
-    async with aclosing(events):
-        async for event in events:
-            if event is None:
-                yield sse.PING
-            elif isinstance(event, APIError):  # headers are gone: report in-band, then end
-                yield sse.event(event.body())
-            elif include_usage or not is_usage_chunk(event):
-                yield sse.event(event)
-    yield sse.DONE

@@ -1,0 +1,171 @@
+"""The one loop that reads a generation, and the OpenAI chunk shapes it writes.
+
+`events` serves every transport and both APIs: SSE and non-streamed `/v1/chat/completions`,
+the WebSocket, and legacy `/v1/completions`. A writer gives the chunks their shape
+(`chat.completion.chunk` or `text_completion`); routes only frame what `events` yields, and
+non-streamed answers are assembled from the same chunks (`collect`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from inference.chat.engine import ChatDelta
+from inference.errors import InferenceError
+from server.errors import APIError, to_api_error
+from server.metrics import MeteredStream
+
+# What `events` yields: a chunk, None when the generation was silent for the idle interval
+# (SSE sends a ping), or the error that ended it after streaming began.
+Event = dict[str, Any] | APIError | None
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+class ChunkShape(Protocol):
+    def opening(self, choices: int) -> list[dict[str, Any]]: ...
+    def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]: ...
+    def usage(self, prompt: int, completion: int) -> dict[str, Any]: ...
+
+
+@dataclass
+class _Writer:
+    model: str
+    include_usage: bool  # every chunk then carries "usage": null, as OpenAI sends it
+    object: str = ""
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created,
+                                 "model": self.model, "system_fingerprint": None,
+                                 "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
+        """The last chunk: no choices, the usage of every choice together."""
+        last = self._chunk([])
+        last["usage"] = usage(prompt, completion)
+        return last
+
+
+@dataclass
+class ChatChunks(_Writer):
+    """`chat.completion.chunk` objects: a role chunk per choice, then content deltas."""
+
+    object: str = "chat.completion.chunk"
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+
+    def opening(self, choices: int) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+                for i in range(choices)]
+
+    def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]:
+        """The chunks for one engine delta: its text, then the finish chunk if it is last."""
+        out = []
+        if delta.text:
+            out.append(self._chunk([{"index": delta.index, "delta": {"content": delta.text},
+                                     "logprobs": None, "finish_reason": None}]))
+        if delta.finish_reason is not None:
+            out.append(self._chunk([{"index": delta.index, "delta": {}, "logprobs": None,
+                                     "finish_reason": delta.finish_reason}]))
+        return out
+
+
+@dataclass
+class CompletionChunks(_Writer):
+    """Legacy `text_completion` objects: text deltas, the last with its finish reason."""
+
+    object: str = "text_completion"
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    echo: list[str] = field(default_factory=list)  # per choice: its prompt, sent first
+
+    def opening(self, choices: int) -> list[dict[str, Any]]:
+        return [self._chunk([{"index": i, "text": text, "logprobs": None,
+                              "finish_reason": None}]) for i, text in enumerate(self.echo)]
+
+    def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]:
+        if not delta.text and delta.finish_reason is None:
+            return []
+        return [self._chunk([{"index": delta.index, "text": delta.text, "logprobs": None,
+                              "finish_reason": delta.finish_reason}])]
+
+
+def is_usage_chunk(chunk: dict[str, Any]) -> bool:
+    return not chunk["choices"]
+
+
+async def events(stream: MeteredStream, shape: ChunkShape, *, idle_s: float | None = None
+                 ) -> AsyncGenerator[Event, None]:
+    """Chunks as the generation's choices decode, then one usage chunk (choices empty).
+    Closing the iterator, by cancellation too, stops the generation."""
+    async with stream:
+        for chunk in shape.opening(stream.choices):
+            yield chunk
+        while True:
+            item: ChatDelta | APIError | None = None
+            with anyio.move_on_after(idle_s if idle_s is not None else math.inf) as idle:
+                item = await _next(stream)
+            if idle.cancelled_caught:
+                yield None
+                continue
+            if item is None:
+                break
+            if isinstance(item, APIError):
+                yield item
+                return
+            for chunk in shape.deltas(item):
+                yield chunk
+    yield shape.usage(stream.prompt_tokens, stream.completion_tokens)
+
+
+@dataclass
+class Collected:
+    """A whole generation, assembled from its chunks (`collect`)."""
+
+    texts: dict[int, str]
+    finish: dict[int, str]
+    usage: dict[str, int]
+
+
+async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collected:
+    """Read `events` to the end for a non-streamed answer; raises the error that ended it.
+    `text_of` names where a choice's text sits: "delta" (chat) or "text" (completions)."""
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str] = {}
+    used: dict[str, int] = {}
+    async for event in chunks:
+        if isinstance(event, APIError):
+            raise event
+        if event is None:
+            continue
+        if is_usage_chunk(event):
+            used = event["usage"]
+        for choice in event["choices"]:
+            text = choice["delta"].get("content") if text_of == "delta" else choice["text"]
+            texts.setdefault(choice["index"], []).append(text or "")
+            if choice["finish_reason"] is not None:
+                finish[choice["index"]] = choice["finish_reason"]
+    return Collected({i: "".join(t) for i, t in sorted(texts.items())}, finish, used)
+
+
+async def _next(stream: MeteredStream) -> ChatDelta | APIError | None:
+    try:
+        return await stream.receive()
+    except anyio.EndOfStream:
+        return None
+    except InferenceError as exc:
+        return to_api_error(exc)
