@@ -31,7 +31,7 @@ class Settings:
     max_running_per_model: int = 16  # benchmarks/chat_concurrency.py (README: Limits)
     kv_budget_mib: int = DEFAULT_KV_BUDGET // 2**20  # per chat model (README: KV cache)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill run
-    max_waiting_per_model: int = 16  # benchmarks/limits.py: ~23 s to start at the back
+    max_waiting_per_model: int = 56  # benchmarks/limits.py: the back starts within 30 s
     max_body_bytes: int = 4 * 1024 * 1024
     # URL plus headers; larger gets 431. Hypercorn buffers up to 8x this (see serve.py).
     max_header_bytes: int = 32 * 1024
@@ -43,7 +43,7 @@ class Settings:
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 otherwise)
     sse_ping_interval_s: float = 15.0
     ws_max_message_bytes: int = 4 * 1024 * 1024  # as max_body_bytes; larger: an error event
-    ws_max_conversations: int = 8  # per socket, as max_running (benchmarks/limits.py)
+    ws_max_conversations: int = 16  # per socket, as max_running (benchmarks/limits.py)
     ws_send_queue: int = 256  # messages buffered per socket
     ws_ping_interval_s: float = 20.0
     api_keys: tuple[str, ...] = ()  # empty: no authentication
