@@ -132,6 +132,11 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     response_format: ResponseFormat | None = None
+    # Read only to refuse them: an agent that offers tools must not get plain text back as if
+    # the server had considered them.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -143,6 +148,10 @@ class ChatCompletionRequest(_Generation):
         if self.response_format is not None and self.response_format.type != "text":
             raise bad_request(f"response_format {self.response_format.type!r} is not "
                               "supported; use 'text'", param="response_format")
+        if (self.tools or self.functions) and self.tool_choice != "none":
+            raise bad_request("tools (function calling) are not supported yet; send no tools, "
+                              "or tool_choice 'none'",
+                              param="tools" if self.tools else "functions")
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

@@ -21,6 +21,12 @@ def _parse(**extra: object) -> ChatCompletionRequest:
     return parse_model(ChatCompletionRequest, {**BASE, **extra})
 
 
+def test_tools_with_tool_choice_none_or_empty_are_fine() -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    _parse(tools=[tool], tool_choice="none").check_supported()
+    _parse(tools=[]).check_supported()
+
+
 def test_unknown_fields_are_ignored() -> None:
     req = _parse(user="u1", logit_bias={"1": 2}, parallel_tool_calls=False,
                  stream_options={"include_usage": True, "future": 1}, stream=True)
@@ -55,6 +61,8 @@ def test_invalid_fields_name_their_param(extra: dict[str, object], param: str) -
 
 @pytest.mark.parametrize(("extra", "param"), [
     ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_unsupported_options_are_rejected_clearly(extra: dict[str, object], param: str) -> None:

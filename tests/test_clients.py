@@ -1,0 +1,151 @@
+"""Client libraries nobody here wrote, against `npugate serve` on a real loopback socket:
+LangChain (`langchain-openai`), LiteLLM and the official Node SDK. The README's snippets for
+them are these calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from inference.prepare import default_models_dir
+from tests.conftest import LiveServer
+
+SMOL = "smollm2-135m-instruct"
+MINILM = "all-minilm-l6-v2"
+FRANCE = "What is the capital of France?"
+NODE_OPENAI = "7.59.0"  # the official `openai` npm package, pinned
+
+
+def _direct_embedding(server: LiveServer, text: str) -> np.ndarray:
+    resp = httpx.post(server.base_url + "/v1/embeddings", json={"model": MINILM, "input": text},
+                      timeout=30)
+    return np.asarray(resp.json()["data"][0]["embedding"])
+
+
+# --- LangChain ----------------------------------------------------------------------------
+
+def test_langchain_chat_streaming_and_embeddings(live_server: LiveServer) -> None:
+    from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+
+    chat = ChatOpenAI(model=SMOL, base_url=live_server.base_url + "/v1", api_key="unused",
+                      temperature=0, max_completion_tokens=24)
+    answer = chat.invoke(FRANCE)
+    assert "Paris" in str(answer.content)
+    pieces = [str(chunk.content) for chunk in chat.stream(FRANCE)]
+    assert len([p for p in pieces if p]) > 3 and "".join(pieces) == answer.content
+    # LangChain's default sends OpenAI's own token ids (tiktoken), which this model would
+    # read as other tokens; check_embedding_ctx_length=False sends the text
+    embeddings = OpenAIEmbeddings(model=MINILM, base_url=live_server.base_url + "/v1",
+                                  api_key="unused", check_embedding_ctx_length=False)
+    vectors = embeddings.embed_documents(["a lighthouse", "the sea"])
+    query = embeddings.embed_query("a lighthouse")
+    assert len(vectors) == 2 and len(query) == 384
+    np.testing.assert_allclose(query, _direct_embedding(live_server, "a lighthouse"), atol=1e-6)
+    np.testing.assert_allclose(vectors[0], query, atol=1e-6)
+
+
+# --- LiteLLM ------------------------------------------------------------------------------
+
+# LiteLLM runs in its own process, as an application would: it leaves event loops and pooled
+# connections open at exit, which pytest would report in whichever later test collects them.
+LITELLM_SCRIPT = """
+import json, os, sys
+import litellm
+
+base, smol, minilm = sys.argv[1], sys.argv[2], sys.argv[3]
+kwargs = {"api_base": base, "api_key": "unused", "temperature": 0, "max_tokens": 24}
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+whole = litellm.completion(model=f"openai/{smol}", messages=messages, **kwargs)
+streamed = "".join(chunk.choices[0].delta.content or "" for chunk in litellm.completion(
+    model=f"openai/{smol}", messages=messages, stream=True, **kwargs))
+legacy = litellm.text_completion(model=f"text-completion-openai/{smol}",
+                                 prompt="The capital of France is", **kwargs)
+emb = litellm.embedding(model=f"openai/{minilm}", input=["a lighthouse"], api_base=base,
+                        api_key="unused")
+print(json.dumps({"text": whole.choices[0].message.content, "streamed": streamed,
+                  "legacy": legacy.choices[0].text, "embedding": emb.data[0]["embedding"]}))
+"""
+
+
+def test_litellm_chat_stream_text_completion_and_embeddings(live_server: LiveServer) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", LITELLM_SCRIPT, live_server.base_url + "/v1", SMOL, MINILM],
+        capture_output=True, text=True, timeout=120,
+        # LiteLLM fetches a model price list from the network at import unless told not to
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "Paris" in result["text"] and result["streamed"] == result["text"]
+    assert result["legacy"]
+    np.testing.assert_allclose(result["embedding"],
+                               _direct_embedding(live_server, "a lighthouse"), atol=1e-6)
+
+
+# --- the official Node SDK -----------------------------------------------------------------
+
+NODE_SCRIPT = """
+import OpenAI from "openai";
+const client = new OpenAI({ baseURL: process.env.BASE_URL, apiKey: "unused", maxRetries: 0 });
+const messages = [{ role: "user", content: "What is the capital of France?" }];
+const whole = await client.chat.completions.create({
+  model: "smollm2-135m-instruct", messages, temperature: 0, max_tokens: 24 });
+let streamed = "";
+const stream = await client.chat.completions.create({
+  model: "smollm2-135m-instruct", messages, temperature: 0, max_tokens: 24, stream: true,
+  stream_options: { include_usage: true } });
+let usage = null;
+for await (const chunk of stream) {
+  streamed += chunk.choices[0]?.delta?.content ?? "";
+  if (chunk.usage) usage = chunk.usage;
+}
+const emb = await client.embeddings.create({ model: "all-minilm-l6-v2", input: "a lighthouse" });
+let status = null;
+try {
+  await client.chat.completions.create({ model: "smollm2-135m-instruct", messages,
+                                         max_tokens: 1000000 });
+} catch (err) {
+  status = { status: err.status, param: err.param,
+             isBadRequest: err instanceof OpenAI.BadRequestError };
+}
+console.log(JSON.stringify({ text: whole.choices[0].message.content, streamed, usage,
+                             dims: emb.data[0].embedding.length, first: emb.data[0].embedding[0],
+                             error: status }));
+"""
+
+
+@pytest.fixture(scope="session")
+def node_openai() -> Path:
+    """The official Node SDK, installed from the npm registry once and cached."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise RuntimeError("the Node SDK test needs node and npm (apt-get install nodejs npm)")
+    folder = default_models_dir().parent / "node" / f"openai-{NODE_OPENAI}"
+    if not (folder / "node_modules" / "openai" / "package.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund",
+                        "--prefix", str(folder), f"openai@{NODE_OPENAI}"], check=True,
+                       timeout=300)
+    return folder
+
+
+def test_node_sdk(live_server: LiveServer, node_openai: Path) -> None:
+    script = node_openai / "check.mjs"
+    script.write_text(NODE_SCRIPT)
+    out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "BASE_URL": live_server.base_url + "/v1"})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "Paris" in result["text"] and result["streamed"] == result["text"]
+    assert result["usage"]["completion_tokens"] > 0
+    assert result["dims"] == 384
+    assert result["first"] == pytest.approx(float(_direct_embedding(live_server,
+                                                                    "a lighthouse")[0]))
+    assert result["error"] == {"status": 400, "param": "max_tokens", "isBadRequest": True}
