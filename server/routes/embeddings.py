@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
-from server.protocol import parse_json_body
-from server.responses import json_response
+from server.responses import json_body, json_response
 from server.state import app_state
 
 bp = Blueprint("embeddings", __name__)
@@ -13,8 +12,6 @@ bp = Blueprint("embeddings", __name__)
 
 @bp.post("/v1/embeddings")
 async def embeddings() -> Response:
-    raw = await request.get_data(as_text=False)
-    assert isinstance(raw, bytes)
     service = app_state().embeddings
-    req = service.parse(parse_json_body(raw))
+    req = service.parse(await json_body())
     return json_response(await service.embed(req))
