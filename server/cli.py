@@ -125,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                                 if o],
                        help="origin allowed to call the API from a browser, repeatable "
                        "(NPUGATE_CORS_ORIGINS, comma-separated; default same-origin only)")
+    serve.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                       default=os.environ.get("NPUGATE_PROMPT_CACHE", "1") != "0",
+                       help="do not keep prompt prefixes in the KV pool between requests "
+                       "(NPUGATE_PROMPT_CACHE=0)")
     serve.add_argument("--allowed-host", action="append",
                        default=[h for h in os.environ.get("NPUGATE_ALLOWED_HOSTS", "").split(",")
                                 if h],
@@ -211,6 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
                         api_keys=tuple(keys), protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
                         allowed_hosts=tuple(args.allowed_host),
+                        prompt_cache=args.prompt_cache,
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
                         embedding_device=args.embedding_device, qnn_buckets=args.qnn_buckets,

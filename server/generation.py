@@ -27,15 +27,17 @@ from server.metrics import MeteredStream
 Event = dict[str, Any] | APIError | None
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached` prompt tokens came from the prompt cache."""
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class ChunkShape(Protocol):
     def opening(self, choices: int) -> list[dict[str, Any]]: ...
     def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]: ...
-    def usage(self, prompt: int, completion: int) -> dict[str, Any]: ...
+    def usage(self, prompt: int, completion: int, cached: int) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -54,10 +56,10 @@ class _Writer:
             chunk["usage"] = None
         return chunk
 
-    def usage(self, prompt: int, completion: int) -> dict[str, Any]:
+    def usage(self, prompt: int, completion: int, cached: int) -> dict[str, Any]:
         """The last chunk: no choices, the usage of every choice together."""
         last = self._chunk([])
-        last["usage"] = usage(prompt, completion)
+        last["usage"] = usage(prompt, completion, cached)
         return last
 
 
@@ -129,7 +131,7 @@ async def events(stream: MeteredStream, shape: ChunkShape, *, idle_s: float | No
                 return
             for chunk in shape.deltas(item):
                 yield chunk
-    yield shape.usage(stream.prompt_tokens, stream.completion_tokens)
+    yield shape.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
 
 
 @dataclass
@@ -138,7 +140,7 @@ class Collected:
 
     texts: dict[int, str]
     finish: dict[int, str]
-    usage: dict[str, int]
+    usage: dict[str, Any]
 
 
 async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collected:
@@ -146,7 +148,7 @@ async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collecte
     `text_of` names where a choice's text sits: "delta" (chat) or "text" (completions)."""
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
-    used: dict[str, int] = {}
+    used: dict[str, Any] = {}
     async for event in chunks:
         if isinstance(event, APIError):
             raise event

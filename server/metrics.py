@@ -119,15 +119,22 @@ class MeteredStream(DeltaStream):
         self.prompt_tokens = stream.prompt_tokens
         self.choices = stream.choices
         self._completion = [0] * stream.choices  # per choice, so far
+        self._cached = [0] * stream.choices  # per choice: prompt tokens from the prompt cache
 
     @property
     def completion_tokens(self) -> int:
         """Tokens generated so far, every choice together."""
         return sum(self._completion)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens reused from the prompt cache, every prompt together."""
+        return sum(self._cached)
+
     async def receive(self) -> ChatDelta:
         delta = await self._stream.receive()
         self._completion[delta.index] = delta.completion_tokens
+        self._cached[delta.index] = delta.cached_tokens
         now = time.perf_counter()
         if self._last is None:
             self._m.ttft.labels(self._model).observe(now - self._started)
@@ -174,6 +181,14 @@ class _EngineStats(Collector):
                                      labels=["model"])
         up = GaugeMetricFamily("npugate_model_ready", "1 when the model serves",
                                labels=["model", "task"])
+        cache_counts = {name: CounterMetricFamily(
+            f"npugate_prompt_cache_{name}", text, labels=["model"]) for name, text in (
+                ("hits", "Prompts that reused a cached prefix"),
+                ("misses", "Prompts that found none"),
+                ("tokens_reused", "Prompt tokens taken from the cache"),
+                ("evictions", "Cache entries dropped for room"))}
+        cache_held = GaugeMetricFamily("npugate_prompt_cache_entries",
+                                       "Prompt prefixes kept in the KV pool", labels=["model"])
         kv = GaugeMetricFamily("npugate_kv_cache_bytes", "Chat KV cache: budget, allocated, "
                                "reserved by running sequences, written", labels=["model", "kind"])
         kv_rows = GaugeMetricFamily("npugate_kv_cache_rows", "Chat KV pool rows: allocated "
@@ -196,6 +211,10 @@ class _EngineStats(Collector):
                     kv.add_metric([mid, kind], usage[f"{kind}_bytes"])
                 kv_rows.add_metric([mid, "allocated"], usage["rows"])
                 kv_rows.add_metric([mid, "in_use"], usage["rows_in_use"])
+                cache = entry.chat.cache_stats()
+                for name, family in cache_counts.items():
+                    family.add_metric([mid], cache[name])
+                cache_held.add_metric([mid], cache["entries"])
             if entry.embedding is not None:
                 b, mid = entry.embedding, entry.id
                 queued.add_metric([mid], b.queued)
@@ -206,4 +225,4 @@ class _EngineStats(Collector):
                     b.model.provider != "QNNExecutionProvider"
                 fallback.add_metric([mid], 1.0 if fell_back else 0.0)
         yield from (running, waiting, prompt, generated, outcomes, queued, inputs, runs,
-                    fallback, up, kv, kv_rows)
+                    fallback, up, kv, kv_rows, *cache_counts.values(), cache_held)

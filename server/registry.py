@@ -43,6 +43,7 @@ class EngineLimits:
     max_tokens_limit: int = 4096
     kv_budget_bytes: int = DEFAULT_KV_BUDGET
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prompt_cache: bool = True
     embedding_device: str = "auto"
     embedding_max_batch: int = 32
     embedding_batch_tokens: int = 16384
@@ -82,6 +83,7 @@ class ModelEntry:
             info["stats"] = {**dataclasses.asdict(self.chat.stats),
                              "model_runs_total": self.chat.stats.model_runs_total}
             info["kv_cache"] = self.chat.kv_usage()
+            info["prompt_cache"] = self.chat.cache_stats()
         if self.embedding is not None:
             session = self.embedding.model.session
             info["inputs_queued"] = self.embedding.queued
@@ -215,7 +217,8 @@ class ModelRegistry:
                                     max_waiting=limits.max_waiting,
                                     default_max_tokens=limits.max_tokens_limit,
                                     kv_budget_bytes=limits.kv_budget_bytes,
-                                    prefill_chunk=limits.prefill_chunk, on_run=on_run)
+                                    prefill_chunk=limits.prefill_chunk,
+                                    prompt_cache=limits.prompt_cache, on_run=on_run)
             return
         cache = limits.qnn_cache_dir / entry.id if limits.qnn_cache_dir else None
         emb = EmbeddingModel.load(entry.path, model_id=entry.id,

@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
-from server.generation import is_usage_chunk
+from server.generation import is_usage_chunk, usage
 from server.security import APIKeys, unauthorized
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
@@ -180,18 +180,16 @@ class SocketSession:
                     await self._send({"type": "chat.delta", "id": cid, "chunk": event})
         except anyio.get_cancelled_exc_class():
             # chat.cancel, or the socket closing: say so if the socket still listens.
-            self._post(self._done(cid, "cancelled", {
-                "prompt_tokens": stream.prompt_tokens,
-                "completion_tokens": stream.completion_tokens,
-                "total_tokens": stream.prompt_tokens + stream.completion_tokens}))
+            self._post(self._done(cid, "cancelled", usage(
+                stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)))
             raise
         assert done is not None
         await self._send(done)
 
     @staticmethod
-    def _done(cid: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def _done(cid: str, finish: str, used: dict[str, Any]) -> dict[str, Any]:
         """`chat.done`: the first choice's finish reason and the usage of all choices."""
-        return {"type": "chat.done", "id": cid, "finish_reason": finish, "usage": usage}
+        return {"type": "chat.done", "id": cid, "finish_reason": finish, "usage": used}
 
     async def _run_embeddings(self, cid: str, body: dict[str, Any]) -> None:
         req = self._embeddings.parse(body)

@@ -31,6 +31,7 @@ class Settings:
     max_running_per_model: int = 16  # benchmarks/chat_concurrency.py (README: Limits)
     kv_budget_mib: int = DEFAULT_KV_BUDGET // 2**20  # per chat model (README: KV cache)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill run
+    prompt_cache: bool = True  # keep prompt prefixes in the KV pool for the next turn
     max_waiting_per_model: int = 56  # benchmarks/limits.py: the back starts within 30 s
     max_body_bytes: int = 4 * 1024 * 1024
     # URL plus headers; larger gets 431. Hypercorn buffers up to 8x this (see serve.py).
@@ -58,6 +59,7 @@ class Settings:
             max_running=self.max_running_per_model, max_waiting=self.max_waiting_per_model,
             max_tokens_limit=self.max_tokens_limit,
             kv_budget_bytes=self.kv_budget_mib * 2**20, prefill_chunk=self.prefill_chunk,
+            prompt_cache=self.prompt_cache,
             embedding_device=self.embedding_device, embedding_max_batch=self.embedding_max_batch,
             embedding_batch_tokens=self.embedding_batch_tokens,
             embedding_max_queued=self.embedding_max_queued,

@@ -232,7 +232,9 @@ async def test_joining_leaving_and_cancelling_mid_stream(smollm2: ChatModel) -> 
         with anyio.fail_after(5):
             while not engine.idle:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
-        assert engine.pool.in_use == 0 and engine.pool.allocated_bytes == 0
+        # nothing runs; the buffer stays only while it holds kept prompts (prompt cache)
+        assert engine.pool.in_use == 0
+        assert (engine.pool.allocated_bytes > 0) == (engine.cache_stats()["entries"] > 0)
         assert engine.stats.cancelled_total == 1
 
 

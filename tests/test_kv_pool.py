@@ -49,7 +49,7 @@ def test_reshape_keeps_what_was_written_and_stays_in_budget() -> None:
     assert (pool.buffer[:, 0, :, :100] == 1.0).all() and (pool.buffer[:, 1, :, :150] == 2.0).all()
 
 
-def test_a_leaving_row_is_filled_by_the_last_and_idle_frees_memory() -> None:
+def test_a_leaving_row_is_filled_by_the_last_and_free_gives_memory_back() -> None:
     pool = _pool(4096)
     for need in (100, 100, 100):
         pool.add(need)
@@ -61,6 +61,8 @@ def test_a_leaving_row_is_filled_by_the_last_and_idle_frees_memory() -> None:
     assert pool.used == [12, 11] and (pool.buffer[:, 0, :, :12] == 2.0).all()
     assert pool.remove(1) is None
     assert pool.remove(0) is None
+    assert pool.buffer is not None  # rows above the running ones may hold kept prefixes
+    pool.free()
     assert pool.buffer is None and pool.allocated_bytes == 0
 
 
@@ -74,3 +76,20 @@ def test_describe_reports_use(needs: list[int]) -> None:
     assert info["reserved_bytes"] == sum(needs) * LAYOUT.bytes_per_token
     assert info["allocated_bytes"] <= info["budget_bytes"]
     assert info["rows_in_use"] == len(needs)
+
+
+def test_reshape_carries_kept_rows_above_the_running_ones() -> None:
+    pool = KVPool(LAYOUT, budget_bytes=5000 * LAYOUT.bytes_per_token, max_rows=2,
+                  spare_rows=2)
+    pool.add(100)
+    pool.ensure()
+    assert pool.rows == 4  # 2 running + 2 spare, within the budget at cap 256
+    _write(pool, 0, 50, 1.0)
+    assert pool.buffer is not None
+    pool.buffer[:, 2, :, :64] = 7.0  # a kept prefix in a spare row
+    pool.buffer[:, 3, :, :64] = 8.0
+    pool.add(1500)  # a longer stride: 3 rows of 1536 fit in 5000 tokens, so one spare
+    moved = pool.ensure([(3, 64), (2, 64)])  # most valuable first
+    assert pool.rows == 3 and pool.allocated_bytes <= pool.budget_bytes
+    assert moved[0] == 2 and moved[1] is None  # one spare row left: the first one kept
+    assert (pool.buffer[:, 2, :, :64] == 8.0).all() and (pool.buffer[:, 0, :, :50] == 1.0).all()

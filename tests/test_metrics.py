@@ -72,6 +72,10 @@ async def test_metrics_cover_chat_and_embeddings(app: Quart) -> None:
     assert _value(text, "npugate_kv_cache_bytes", model=CHAT, kind="budget") == 2**31
     assert _value(text, "npugate_kv_cache_bytes", model=CHAT, kind="reserved") == 0
     assert _value(text, "npugate_kv_cache_rows", model=CHAT, kind="in_use") == 0
+    # two short prompts: looked up, nothing to reuse (under one prefill chunk)
+    assert _value(text, "npugate_prompt_cache_misses_total", model=CHAT) == 2
+    assert _value(text, "npugate_prompt_cache_hits_total", model=CHAT) == 0
+    assert _value(text, "npugate_prompt_cache_entries", model=CHAT) == 0
     emb = "bert-tiny-cls-random"
     assert _value(text, "npugate_embedding_inputs_total", model=emb) == 3
     assert _value(text, "npugate_embedding_batch_size_sum", model=emb) == 3

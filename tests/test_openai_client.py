@@ -212,3 +212,25 @@ def test_legacy_completions(client: openai.OpenAI) -> None:
         model=SMOL, prompt="The capital of France is", max_tokens=8, temperature=0,
         stream=True) if c.choices]
     assert "".join(pieces) == whole.choices[0].text
+
+
+def test_cached_tokens_in_usage(client: openai.OpenAI) -> None:
+    system = {"role": "system", "content": "You answer in one short sentence. " * 12}
+    first = client.chat.completions.create(
+        model=SMOL, max_tokens=8, temperature=0,
+        messages=[system, {"role": "user", "content": "Name a colour."}])  # type: ignore[list-item]
+    assert first.usage is not None and first.usage.prompt_tokens_details is not None
+    answer = first.choices[0].message.content or ""
+    time.sleep(0.3)  # the engine keeps the prompt once the request has left the pool
+    usage = None
+    for chunk in client.chat.completions.create(
+            model=SMOL, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+            messages=[system, {"role": "user", "content": "Name a colour."},  # type: ignore[list-item]
+                      {"role": "assistant", "content": answer},
+                      {"role": "user", "content": "And another?"}]):
+        usage = chunk.usage or usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and cached >= 64 and cached % 64 == 0
+    assert cached < usage.prompt_tokens

@@ -16,6 +16,7 @@ so they must not depend on load).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from inference.chat.kv_pool import KVPool
 from inference.chat.model import ChatModel
+from inference.chat.prompt_cache import CacheEntry, PromptCache
 from inference.chat.sampling import SamplingParams
 from inference.chat.sequence import ChatDelta, Choice, Generation
 from inference.chat.spec import SamplingDefaults
@@ -141,13 +143,14 @@ class ChatEngine:
     def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 16,
                  round_s: float = 0.25, default_max_tokens: int | None = None,
                  kv_budget_bytes: int = DEFAULT_KV_BUDGET,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prompt_cache: bool = True,
                  on_run: RunObserver | None = None) -> None:
         self.model = model
         self.model_id = model.spec.model_id
         self.stats = EngineStats()
         self.pool = KVPool(model.kv_layout(), budget_bytes=kv_budget_bytes,
-                           max_rows=max_running)
+                           max_rows=max_running, spare_rows=max_running if prompt_cache else 0)
+        self.cache = PromptCache(chunk=prefill_chunk, enabled=prompt_cache)
         self.on_run = on_run
         self._max_running = max_running
         self._max_waiting = max_waiting
@@ -192,6 +195,10 @@ class ChatEngine:
     def kv_usage(self) -> dict[str, int]:
         """The KV pool's budget, allocation and use, for /health and /metrics."""
         return self.pool.describe()
+
+    def cache_stats(self) -> dict[str, int | bool]:
+        """The prompt cache's counters, for /health and /metrics."""
+        return {"enabled": self.cache.enabled, **dataclasses.asdict(self.cache.stats)}
 
     async def start(self, messages: list[dict[str, str]], params: SamplingParams, *,
                     n: int = 1) -> GenerationStream:
@@ -344,6 +351,7 @@ class ChatEngine:
                 self._release()
                 if not self._rows:
                     return
+                self._settle()
                 reading = next((c for c in self._rows if c.state == "prefill"), None)
                 if reading is not None:
                     self._prefill(reading)
@@ -355,12 +363,15 @@ class ChatEngine:
             self._flush()
 
     def _release(self) -> None:
-        """Free the rows of finished and cancelled choices (compacting the pool)."""
+        """Free the rows of finished and cancelled choices (compacting the pool); their
+        prompts' KV stays as prompt-cache entries."""
         for row in range(len(self._rows) - 1, -1, -1):
             choice = self._rows[row]
             gen = choice.generation
             if choice.state != "done" and not gen.cancelled:
                 continue
+            if not choice.failed:
+                self._keep(choice, row)
             moved = self.pool.remove(row)
             if moved is not None:
                 self._rows[row] = self._rows[moved]
@@ -369,6 +380,92 @@ class ChatEngine:
             choice.state = "done"
             if gen.cancelled and gen.finished:
                 self._post(self._close, gen, "cancelled", gen.stop_error)
+        if not self._rows and not self.cache.entries:
+            self.pool.free()
+
+    # --- the prompt cache (see prompt_cache.py): rows above the running ones ---------------
+
+    def _keep(self, choice: Choice, row: int) -> None:
+        """Keep a leaving sequence's prompt KV as an entry, out of the running rows."""
+        tokens = self.cache.keepable(choice.prompt, self.pool.used[row])
+        if not tokens:
+            return
+        target = row  # the last running row is the first spare one next
+        if row != len(self._rows) - 1:
+            spare = self._spare_row()
+            if spare is None:
+                return
+            self.pool.copy(row, spare, len(tokens))
+            target = spare
+        self.cache.add(tokens, target)
+
+    def _spare_row(self, besides: CacheEntry | None = None) -> int | None:
+        """A row no running sequence uses and no entry holds; else the least recently used
+        entry's (evicted); None if there is neither."""
+        held = {e.row for e in self.cache.entries}
+        free = next((r for r in range(len(self._rows), self.pool.rows) if r not in held), None)
+        if free is not None:
+            return free
+        victim = self.cache.least_recent(besides)
+        if victim is None:
+            return None
+        self.cache.remove(victim, evicted=True)
+        return victim.row
+
+    def _settle(self) -> None:
+        """Before running: entries in rows that new sequences were given are taken over in
+        place (the conversation's previous turn, usually) or moved away; the pool is shaped
+        with the entries carried over; then new sequences copy their best prefix."""
+        if not self.cache.enabled:
+            return
+        for row, choice in enumerate(self._rows):
+            entry = self.cache.at(row)
+            if entry is None:
+                continue
+            if self._fresh(choice):
+                best, usable = self.cache.lookup(choice.prompt)
+                shared = any(self.cache.lookup(other.prompt)[0] is entry
+                             for other in self._rows if other is not choice and
+                             self._fresh(other))
+                if best is entry and not shared:  # taken over in place, no copy
+                    self.cache.remove(entry, evicted=False)
+                    self._reuse(choice, None, usable)
+                    continue
+            target = self._spare_row(besides=entry)
+            if target is None:
+                self.cache.remove(entry, evicted=True)
+            else:
+                self.pool.copy(row, target, len(entry.tokens))
+                entry.row = target
+        entries = self.cache.by_value()
+        kept = self.pool.ensure([(e.row, len(e.tokens)) for e in entries])
+        for entry, moved in zip(entries, kept, strict=True):
+            if moved is None:
+                self.cache.remove(entry, evicted=True)
+            else:
+                entry.row = moved
+        for choice in self._rows:
+            if self._fresh(choice):
+                best, usable = self.cache.lookup(choice.prompt)
+                if best is not None:
+                    self.cache.touch(best)
+                self._reuse(choice, best, usable)
+
+    @staticmethod
+    def _fresh(choice: Choice) -> bool:
+        return choice.state == "prefill" and not choice.looked_up
+
+    def _reuse(self, choice: Choice, entry: CacheEntry | None, tokens: int) -> None:
+        """Start `choice` with `tokens` of prompt already in its row (copied from `entry`, or
+        there already)."""
+        choice.looked_up = True
+        self.cache.record(tokens)
+        if tokens:
+            if entry is not None:
+                self.pool.copy(entry.row, choice.row, tokens)
+            else:
+                self.pool.used[choice.row] = tokens
+            choice.fed = choice.cached = tokens
 
     def _prefill(self, choice: Choice) -> None:
         gen = choice.generation
@@ -426,6 +523,7 @@ class ChatEngine:
     def _fail(self, gen: Generation, exc: Exception) -> None:
         for choice in gen.choices:
             choice.state = "done"
+            choice.failed = True  # its row may hold half a run: never kept
         self._post(self._close, gen, "failed", BackendUnavailable(f"inference failed: {exc}"))
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:

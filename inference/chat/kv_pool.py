@@ -47,10 +47,14 @@ class KVLayout:
 class KVPool:
     """Rows of KV cache for running sequences, within `budget_bytes`."""
 
-    def __init__(self, layout: KVLayout, *, budget_bytes: int, max_rows: int) -> None:
+    def __init__(self, layout: KVLayout, *, budget_bytes: int, max_rows: int,
+                 spare_rows: int = 0) -> None:
+        """`max_rows` running sequences at most; up to `spare_rows` more rows, where the budget
+        allows, hold kept prefixes (the prompt cache) above the running rows."""
         self.layout = layout
         self.budget_bytes = budget_bytes
         self.max_rows = max_rows
+        self.spare_rows = spare_rows
         self.budget_tokens = budget_bytes // layout.bytes_per_token
         self.buffer: npt.NDArray[np.generic] | None = None
         self.reserved: list[int] = []  # per row in use: tokens reserved
@@ -103,23 +107,34 @@ class KVPool:
         self.used.append(0)
         return len(self.reserved) - 1
 
-    def ensure(self) -> None:
-        """Device thread: shape the buffer so every reserved row fits, keeping what is written."""
+    def ensure(self, kept: list[tuple[int, int]] | None = None) -> list[int | None]:
+        """Device thread: shape the buffer so every reserved row fits, keeping what is written.
+        `kept` lists other rows to carry over, (row, length), most valuable first; returns
+        each one's row afterwards (None where it no longer fits). Running rows stay put."""
+        kept = kept or []
         n = len(self.reserved)
         if n == 0 or (n <= self.rows and max(self.reserved) <= self.cap):
-            return
+            return [row for row, _ in kept]
         cap = self._target_cap(max(self.reserved), n)
-        rows = max(n, min(self.max_rows, self.budget_tokens // cap))
+        rows = max(n, min(self.max_rows + self.spare_rows, self.budget_tokens // cap))
         layout = self.layout
         fresh = _allocate((layout.tensors, rows, layout.kv_heads, cap, layout.head_size),
                           layout.dtype)
+        moved: list[int | None] = []
         if self.buffer is not None:
             for row, used in enumerate(self.used):
                 if used:
                     fresh[:, row, :, :used] = self.buffer[:, row, :, :used]
+            spare = iter(range(n, rows))
+            for row, length in kept:
+                target = next(spare, None) if length <= cap else None
+                if target is not None:
+                    fresh[:, target, :, :length] = self.buffer[:, row, :, :length]
+                moved.append(target)
             self.reshapes += 1
         self.buffer = fresh
         self.views.clear()
+        return moved or [None] * len(kept)
 
     def remove(self, row: int) -> int | None:
         """Device thread: free `row`. The last row moves into it to keep rows contiguous;
@@ -132,17 +147,21 @@ class KVPool:
             moved = last
         self.reserved.pop()
         self.used.pop()
-        if not self.reserved:  # idle: give the memory back
-            self.buffer = None
-            self.views.clear()
         return moved
 
+    def free(self) -> None:
+        """Give the memory back (nothing runs and nothing is kept)."""
+        self.buffer = None
+        self.views.clear()
+
     def copy(self, src: int, dst: int, length: int) -> None:
-        """Device thread: copy the first `length` positions of row `src` into row `dst`."""
+        """Device thread: copy the first `length` positions of row `src` into row `dst`
+        (a running row's written length becomes `length`)."""
         assert self.buffer is not None
-        if length:
+        if length and src != dst:
             self.buffer[:, dst, :, :length] = self.buffer[:, src, :, :length]
-        self.used[dst] = length
+        if dst < len(self.used):
+            self.used[dst] = length
 
     def describe(self) -> dict[str, int]:
         """For /health and /metrics."""

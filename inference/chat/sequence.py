@@ -33,6 +33,7 @@ class ChatDelta:
     prompt_tokens: int
     completion_tokens: int
     index: int = 0  # the choice, for n > 1
+    cached_tokens: int = 0  # prompt tokens this choice took from the prompt cache
 
 
 class Generation:
@@ -79,6 +80,9 @@ class Choice:
         self.state: State = "prefill" if sibling == 0 else "follow"
         self.last = -1  # the token to feed next
         self.completion_tokens = 0
+        self.looked_up = False  # the prompt cache was asked for this prompt
+        self.cached = 0  # prompt tokens taken from the prompt cache
+        self.failed = False
         self._eos = model.spec.eos_token_ids
         self._context = model.spec.context_length
         self._sampler = Sampler(params, model.vocab_size, stream=sibling)
@@ -126,7 +130,8 @@ class Choice:
                 finish = "stop" if self._stops.stopped else "length"
         if finish is not None:
             self.state = "done"
-        return ChatDelta(text, finish, len(self.prompt), self.completion_tokens, self.index)
+        return ChatDelta(text, finish, len(self.prompt), self.completion_tokens, self.index,
+                         self.cached)
 
     def _drain(self) -> str:
         return self._stops.push(self._detok.flush()) + self._stops.flush()

@@ -1,0 +1,126 @@
+"""The prompt cache: prompt prefixes kept in the KV pool after their sequences end.
+
+Chat clients resend the whole conversation every turn. When a sequence leaves the pool, the
+KV of its prompt stays in a pool row above the running ones as an entry; a later prompt that
+starts with the same tokens copies that prefix into its own row and prefills only the rest.
+
+- Only whole prefill chunks are kept: an entry covers the prompt up to a multiple of the chunk
+  size, and a hit reuses a multiple of it. The rest is prefilled in the same chunks at the same
+  positions as without the cache, and the kept positions came from those same chunks, so the
+  KV is identical bit for bit and so is the answer. The tokens a sequence generated are not
+  kept: one-token decode runs round differently from chunked prefill (int8 kernels), and the
+  next turn, whose prompt holds that answer, must not depend on how it was computed.
+- Matching is on token ids, never text: where a template renders earlier turns differently,
+  the common prefix is just shorter.
+- A hit copies the prefix and leaves the entry in place, so concurrent requests that share a
+  prefix (one system prompt across users, a retried request) all hit it; a copy costs about
+  1% of prefilling the same tokens. The entry of the conversation's previous turn is usually
+  in the row the new turn is given: then it is taken over in place, with no copy.
+- Entries live only in rows no running sequence needs: running sequences take rows first and
+  an entry in the way moves, or is evicted, least recently used first.
+Everything here runs on the engine's device thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CacheEntry:
+    tokens: list[int]  # the prompt prefix whose KV the row holds
+    row: int
+    used_at: int
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    tokens_reused: int = 0
+    evictions: int = 0
+    entries: int = 0
+    tokens_held: int = 0
+
+
+@dataclass
+class PromptCache:
+    """The entries, by row. `chunk` is the prefill chunk size: the unit of what is kept."""
+
+    chunk: int
+    enabled: bool = True
+    entries: list[CacheEntry] = field(default_factory=list)
+    stats: CacheStats = field(default_factory=CacheStats)
+    _clock: int = 0
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def at(self, row: int) -> CacheEntry | None:
+        return next((e for e in self.entries if e.row == row), None)
+
+    def lookup(self, prompt: list[int]) -> tuple[CacheEntry | None, int]:
+        """The entry sharing the longest prefix with `prompt`, and how many tokens of it to
+        reuse: whole chunks, leaving at least one prompt token to run."""
+        best: CacheEntry | None = None
+        best_len = 0
+        for entry in self.entries:
+            common = _common_prefix(entry.tokens, prompt)
+            if common > best_len:
+                best, best_len = entry, common
+        usable = min(best_len, len(prompt) - 1) // self.chunk * self.chunk
+        return (best, usable) if best is not None and usable > 0 else (None, 0)
+
+    def record(self, hit: int) -> None:
+        """Count one lookup that reused `hit` tokens (0: a miss)."""
+        if hit:
+            self.stats.hits += 1
+            self.stats.tokens_reused += hit
+        else:
+            self.stats.misses += 1
+
+    def keepable(self, prompt: list[int], written: int) -> list[int]:
+        """The prefix of a leaving sequence worth keeping: its prompt's whole chunks that were
+        written (a sequence cancelled mid-prefill keeps what it read)."""
+        length = min(len(prompt), written) // self.chunk * self.chunk
+        return prompt[:length] if self.enabled else []
+
+    def add(self, tokens: list[int], row: int) -> None:
+        """Keep `tokens` in `row`; entries it makes redundant (its own prefixes) go."""
+        for entry in list(self.entries):
+            if len(entry.tokens) <= len(tokens) and tokens[:len(entry.tokens)] == entry.tokens:
+                self.entries.remove(entry)
+        self.entries.append(CacheEntry(tokens, row, self._tick()))
+        self._count()
+
+    def touch(self, entry: CacheEntry) -> None:
+        entry.used_at = self._tick()
+
+    def remove(self, entry: CacheEntry, *, evicted: bool) -> None:
+        self.entries.remove(entry)
+        if evicted:
+            self.stats.evictions += 1
+        self._count()
+
+    def least_recent(self, besides: CacheEntry | None = None) -> CacheEntry | None:
+        candidates = [e for e in self.entries if e is not besides]
+        return min(candidates, key=lambda e: e.used_at, default=None)
+
+    def by_value(self) -> list[CacheEntry]:
+        """Most recently used first (what a smaller pool keeps)."""
+        return sorted(self.entries, key=lambda e: -e.used_at)
+
+    def _count(self) -> None:
+        self.stats.entries = len(self.entries)
+        self.stats.tokens_held = sum(len(e.tokens) for e in self.entries)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i + 64 <= n and a[i:i + 64] == b[i:i + 64]:  # list slices compare in C
+        i += 64
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
