@@ -23,18 +23,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 
 import anyio
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from inference.chat.kv_pool import KVPool
 from inference.chat.model import ChatModel
-from inference.chat.prompt_cache import CacheEntry, PromptCache
+from inference.chat.prompt_cache import PromptCache
 from inference.chat.sampling import SamplingParams
 from inference.chat.sequence import ChatDelta, Choice, Generation
 from inference.chat.spec import SamplingDefaults
+from inference.chat.stream import DeltaStream, GenerationStream
 from inference.errors import (
     BackendUnavailable,
     ContextTooLong,
@@ -69,66 +68,6 @@ class EngineStats:
     @property
     def model_runs_total(self) -> int:
         return self.prefill_runs_total + self.decode_runs_total
-
-
-class DeltaStream:
-    """An async iterator and context manager of `ChatDelta`s over `receive()` and `close()`:
-    leaving the `async with` block, by cancellation too, closes the stream."""
-
-    prompt_tokens: int
-
-    async def receive(self) -> ChatDelta:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __aiter__(self) -> DeltaStream:
-        return self
-
-    async def __anext__(self) -> ChatDelta:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def __aenter__(self) -> DeltaStream:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-
-class GenerationStream(DeltaStream):
-    """The consumer's end of one generation: the deltas of all its choices, interleaved.
-    Closing it stops the generation at its next step."""
-
-    def __init__(self, gen: Generation,
-                 receive: MemoryObjectReceiveStream[ChatDelta | InferenceError]) -> None:
-        self._gen = gen
-        self._receive = receive
-        self.prompt_tokens = gen.prompt_tokens
-        self.choices = len(gen.choices)
-
-    @property
-    def queue_seconds(self) -> float | None:
-        """How long the request waited before it was admitted (None while it waits)."""
-        if self._gen.admitted_at is None:
-            return None
-        return self._gen.admitted_at - self._gen.queued_at
-
-    async def receive(self) -> ChatDelta:
-        """Next delta; raises `anyio.EndOfStream` after the last one. Safe to cancel."""
-        item = await self._receive.receive()
-        if isinstance(item, InferenceError):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop listening; the scheduler drops the generation before its next step."""
-        self._gen.cancelled = True
-        self._receive.close()
 
 
 class ChatEngine:
@@ -351,7 +290,7 @@ class ChatEngine:
                 self._release()
                 if not self._rows:
                     return
-                self._settle()
+                self.cache.settle(self.pool, self._rows)
                 reading = next((c for c in self._rows if c.state == "prefill"), None)
                 if reading is not None:
                     self._prefill(reading)
@@ -371,7 +310,7 @@ class ChatEngine:
             if choice.state != "done" and not gen.cancelled:
                 continue
             if not choice.failed:
-                self._keep(choice, row)
+                self.cache.keep(self.pool, len(self._rows), choice.prompt, row)
             moved = self.pool.remove(row)
             if moved is not None:
                 self._rows[row] = self._rows[moved]
@@ -382,90 +321,6 @@ class ChatEngine:
                 self._post(self._close, gen, "cancelled", gen.stop_error)
         if not self._rows and not self.cache.entries:
             self.pool.free()
-
-    # --- the prompt cache (see prompt_cache.py): rows above the running ones ---------------
-
-    def _keep(self, choice: Choice, row: int) -> None:
-        """Keep a leaving sequence's prompt KV as an entry, out of the running rows."""
-        tokens = self.cache.keepable(choice.prompt, self.pool.used[row])
-        if not tokens:
-            return
-        target = row  # the last running row is the first spare one next
-        if row != len(self._rows) - 1:
-            spare = self._spare_row()
-            if spare is None:
-                return
-            self.pool.copy(row, spare, len(tokens))
-            target = spare
-        self.cache.add(tokens, target)
-
-    def _spare_row(self, besides: CacheEntry | None = None) -> int | None:
-        """A row no running sequence uses and no entry holds; else the least recently used
-        entry's (evicted); None if there is neither."""
-        held = {e.row for e in self.cache.entries}
-        free = next((r for r in range(len(self._rows), self.pool.rows) if r not in held), None)
-        if free is not None:
-            return free
-        victim = self.cache.least_recent(besides)
-        if victim is None:
-            return None
-        self.cache.remove(victim, evicted=True)
-        return victim.row
-
-    def _settle(self) -> None:
-        """Before running: entries in rows that new sequences were given are taken over in
-        place (the conversation's previous turn, usually) or moved away; the pool is shaped
-        with the entries carried over; then new sequences copy their best prefix."""
-        if not self.cache.enabled:
-            return
-        for row, choice in enumerate(self._rows):
-            entry = self.cache.at(row)
-            if entry is None:
-                continue
-            if self._fresh(choice):
-                best, usable = self.cache.lookup(choice.prompt)
-                shared = any(self.cache.lookup(other.prompt)[0] is entry
-                             for other in self._rows if other is not choice and
-                             self._fresh(other))
-                if best is entry and not shared:  # taken over in place, no copy
-                    self.cache.remove(entry, evicted=False)
-                    self._reuse(choice, None, usable)
-                    continue
-            target = self._spare_row(besides=entry)
-            if target is None:
-                self.cache.remove(entry, evicted=True)
-            else:
-                self.pool.copy(row, target, len(entry.tokens))
-                entry.row = target
-        entries = self.cache.by_value()
-        kept = self.pool.ensure([(e.row, len(e.tokens)) for e in entries])
-        for entry, moved in zip(entries, kept, strict=True):
-            if moved is None:
-                self.cache.remove(entry, evicted=True)
-            else:
-                entry.row = moved
-        for choice in self._rows:
-            if self._fresh(choice):
-                best, usable = self.cache.lookup(choice.prompt)
-                if best is not None:
-                    self.cache.touch(best)
-                self._reuse(choice, best, usable)
-
-    @staticmethod
-    def _fresh(choice: Choice) -> bool:
-        return choice.state == "prefill" and not choice.looked_up
-
-    def _reuse(self, choice: Choice, entry: CacheEntry | None, tokens: int) -> None:
-        """Start `choice` with `tokens` of prompt already in its row (copied from `entry`, or
-        there already)."""
-        choice.looked_up = True
-        self.cache.record(tokens)
-        if tokens:
-            if entry is not None:
-                self.pool.copy(entry.row, choice.row, tokens)
-            else:
-                self.pool.used[choice.row] = tokens
-            choice.fed = choice.cached = tokens
 
     def _prefill(self, choice: Choice) -> None:
         gen = choice.generation

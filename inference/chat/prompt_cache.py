@@ -25,6 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inference.chat.kv_pool import KVPool
+from inference.chat.sequence import Choice
+
 
 @dataclass
 class CacheEntry:
@@ -110,6 +113,89 @@ class PromptCache:
     def by_value(self) -> list[CacheEntry]:
         """Most recently used first (what a smaller pool keeps)."""
         return sorted(self.entries, key=lambda e: -e.used_at)
+
+    # --- rows of the KV pool: running rows are 0..n-1, entries live above them ---------
+
+    def keep(self, pool: KVPool, running: int, prompt: list[int], row: int) -> None:
+        """A sequence leaves running row `row` (of `running`): keep its prompt's KV as an
+        entry, out of the running rows (the pool then moves its last running row in)."""
+        tokens = self.keepable(prompt, pool.used[row])
+        if not tokens:
+            return
+        target = row  # the last running row is the first spare one next
+        if row != running - 1:
+            spare = self._spare_row(pool, running)
+            if spare is None:
+                return
+            pool.copy(row, spare, len(tokens))
+            target = spare
+        self.add(tokens, target)
+
+    def _spare_row(self, pool: KVPool, running: int, besides: CacheEntry | None = None
+                   ) -> int | None:
+        """A row no running sequence uses and no entry holds; else the least recently used
+        entry's (evicted); None if there is neither."""
+        held = {e.row for e in self.entries}
+        free = next((r for r in range(running, pool.rows) if r not in held), None)
+        if free is not None:
+            return free
+        victim = self.least_recent(besides)
+        if victim is None:
+            return None
+        self.remove(victim, evicted=True)
+        return victim.row
+
+    def settle(self, pool: KVPool, rows: list[Choice]) -> None:
+        """Before a run: entries in rows that new sequences were given are taken over in
+        place (usually the conversation's previous turn) or moved away; the pool is shaped
+        with the entries carried over; then new sequences copy their best prefix."""
+        if not self.enabled:
+            return
+        fresh = [c for c in rows if c.state == "prefill" and not c.looked_up]
+        for row, choice in enumerate(rows):
+            entry = self.at(row)
+            if entry is None:
+                continue
+            if choice in fresh:
+                best, usable = self.lookup(choice.prompt)
+                shared = any(self.lookup(other.prompt)[0] is entry for other in fresh
+                             if other is not choice and not other.looked_up)
+                if best is entry and not shared:  # taken over in place, no copy
+                    self.remove(entry, evicted=False)
+                    self._reuse(pool, choice, None, usable)
+                    continue
+            target = self._spare_row(pool, len(rows), besides=entry)
+            if target is None:
+                self.remove(entry, evicted=True)
+            else:
+                pool.copy(row, target, len(entry.tokens))
+                entry.row = target
+        entries = self.by_value()
+        kept = pool.ensure([(e.row, len(e.tokens)) for e in entries])
+        for entry, moved in zip(entries, kept, strict=True):
+            if moved is None:
+                self.remove(entry, evicted=True)
+            else:
+                entry.row = moved
+        for choice in fresh:
+            if not choice.looked_up:
+                best, usable = self.lookup(choice.prompt)
+                if best is not None:
+                    self.touch(best)
+                self._reuse(pool, choice, best, usable)
+
+    def _reuse(self, pool: KVPool, choice: Choice, entry: CacheEntry | None, tokens: int
+               ) -> None:
+        """Start `choice` with `tokens` of its prompt already in its row (copied from
+        `entry`, or there already)."""
+        choice.looked_up = True
+        self.record(tokens)
+        if tokens:
+            if entry is not None:
+                pool.copy(entry.row, choice.row, tokens)
+            else:
+                pool.used[choice.row] = tokens
+            choice.fed = choice.cached = tokens
 
     def _count(self) -> None:
         self.stats.entries = len(self.entries)
