@@ -46,6 +46,7 @@ __all__ = ["ChatDelta", "ChatEngine", "DeltaStream", "EngineStats", "GenerationS
 log = logging.getLogger(__name__)
 DEFAULT_KV_BUDGET = 2 * 1024**3
 DEFAULT_PREFILL_CHUNK = 64
+PREFILL_SLICE_S = 0.1  # prefill time between two decode steps, beyond the first chunk
 # Per model run: "prefill" or "decode", rows in the run, new tokens, seconds. Called on the
 # device thread.
 RunObserver = Callable[[str, int, int, float], None]
@@ -291,10 +292,7 @@ class ChatEngine:
                 if not self._rows:
                     return
                 self.cache.settle(self.pool, self._rows)
-                reading = next((c for c in self._rows if c.state == "prefill"), None)
-                if reading is not None:
-                    self._prefill(reading)
-                    self._flush()  # a first token goes out before the decode step
+                self._prefill_slice()
                 if any(c.state == "decode" for c in self._rows):
                     self._decode()
                     self._flush()
@@ -321,6 +319,20 @@ class ChatEngine:
                 self._post(self._close, gen, "cancelled", gen.stop_error)
         if not self._rows and not self.cache.entries:
             self.pool.free()
+
+    def _prefill_slice(self) -> None:
+        """Prefill chunks, oldest sequence first, for up to `PREFILL_SLICE_S` between two
+        decode steps (at least one chunk): short prompts arriving together all start within a
+        few steps, while a long prompt still costs running streams one chunk per step."""
+        started = time.perf_counter()
+        while True:
+            reading = next((c for c in self._rows if c.state == "prefill"), None)
+            if reading is None:
+                return
+            self._prefill(reading)
+            self._flush()  # a first token goes out before the decode step
+            if time.perf_counter() - started >= PREFILL_SLICE_S:
+                return
 
     def _prefill(self, choice: Choice) -> None:
         gen = choice.generation
