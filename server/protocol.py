@@ -72,7 +72,7 @@ class ResponseFormat(_WireModel):
     type: str = "text"
 
 
-class _Generation(_WireModel):
+class GenerationRequest(_WireModel):
     """The fields chat and legacy completions share: sampling, stopping, streaming."""
 
     model: str
@@ -127,7 +127,7 @@ class _Generation(_WireModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_Generation):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
@@ -236,7 +236,7 @@ def _as_list(raw: str | list[str] | list[int] | list[list[int]]
     return cast(list[str] | list[list[int]], raw)
 
 
-class CompletionRequest(_Generation):
+class CompletionRequest(GenerationRequest):
     """Legacy `/v1/completions`: plain text in, text out, no chat template."""
 
     prompt: TextsOrTokenIds

@@ -16,11 +16,11 @@ from inference.chat.spec import SamplingDefaults
 from server.errors import APIError
 from server.generation import ChatChunks, Event, collect, events
 from server.metrics import MeteredStream, Metrics
-from server.protocol import ChatCompletionRequest, _Generation, parse_model
+from server.protocol import ChatCompletionRequest, GenerationRequest, parse_model
 from server.registry import ModelRegistry
 
 
-def sampling_params(req: _Generation, defaults: SamplingDefaults, max_tokens_limit: int
+def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_tokens_limit: int
                     ) -> SamplingParams:
     """A request's sampling; fields it leaves unset take the model folder's defaults."""
     limit = req.completion_limit()
