@@ -31,6 +31,15 @@ class CompletionService:
         self._max_tokens_limit = max_tokens_limit
 
     def parse(self, body: dict[str, Any]) -> CompletionRequest:
+        """Validate a decoded request body. Prompts are counted, and token-id prompts
+        measured, first: validation costs event-loop time per item (0.16 s for 2 MiB of
+        one-id prompts), and no model runs more prompts than its decode slots."""
+        raw, model = body.get("prompt"), body.get("model")
+        if isinstance(raw, list) and raw and isinstance(model, str):
+            engine = self._registry.chat_engine(model)
+            prompts = [raw] if isinstance(raw[0], int) else raw
+            engine.check_prompt_shape(len(prompts), [len(p) for p in prompts
+                                                     if isinstance(p, list)])
         return parse_model(CompletionRequest, body)
 
     async def start(self, req: CompletionRequest) -> tuple[MeteredStream, list[str]]:

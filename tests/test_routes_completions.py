@@ -85,7 +85,10 @@ async def test_several_prompts_token_ids_n_and_echo(app: Quart, phi3: ChatModel)
     ({"prompt": [[1, 2], []]}, "prompt"),
     ({"prompt": [99999999]}, "prompt"),
     ({"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
-    ({"prompt": ["a"] * 9}, "n"),
+    ({"prompt": ["a"] * 9}, "prompt"),
+    ({"prompt": ["a", "b"], "n": 5}, "n"),
+    ({"prompt": [[1]] * 500_000}, "prompt"),  # counted before it is validated
+    ({"prompt": [1] * 5000}, "prompt"),  # longer than the 4096-token context
 ])
 async def test_refusals_are_clear_400s(app: Quart, body: dict[str, Any], param: str) -> None:
     status, err = await _post(app, **body)

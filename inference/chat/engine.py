@@ -165,6 +165,18 @@ class ChatEngine:
             self.model.check_token_ids(ids)
         return self._enqueue(ids, params, n, param="prompt")
 
+    def check_prompt_shape(self, prompts: int, id_lengths: list[int]) -> None:
+        """Cheap checks before a request is validated in full: no more prompts than decode
+        slots, no token-id prompt longer than the context."""
+        if prompts > self._max_running:
+            raise InvalidInput(f"{prompts} prompts need {prompts} decode slots; this server "
+                               f"runs at most {self._max_running} per model", param="prompt")
+        context = self.model.spec.context_length
+        for length in id_lengths:
+            if length >= context:
+                raise ContextTooLong(f"this model's maximum context length is {context} "
+                                     f"tokens, but a prompt has {length}", param="prompt")
+
     def _check_start(self, params: SamplingParams, choices: int) -> None:
         if not self._accepting:
             raise BackendUnavailable(f"model {self.model_id} is not running")
