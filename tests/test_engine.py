@@ -304,3 +304,25 @@ async def test_disconnect_stops_a_long_prefill_at_the_next_chunk(smollm2: ChatMo
         t = anyio.current_time()
         await _text(engine, FRANCE, SamplingParams(temperature=0, max_tokens=3))
         assert anyio.current_time() - t < 5
+
+
+async def test_prefill_chunks_share_a_slice_between_decode_steps(phi3: ChatModel) -> None:
+    # While a stream decodes, a long prompt is read several chunks per slice (up to 100 ms
+    # between decode steps), not one chunk per step.
+    runs: list[str] = []
+    engine = ChatEngine(phi3, max_running=4,
+                        on_run=lambda kind, rows, tokens, seconds: runs.append(kind))
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        async with await engine.start(FRANCE, SamplingParams(temperature=0,
+                                                             max_tokens=2000)) as running:
+            for _ in range(3):
+                await running.receive()
+            before = len(runs)
+            long = [{"role": "user", "content": "word " * 1000}]  # about 16 chunks
+            await _collect(engine, long, SamplingParams(temperature=0, max_tokens=2))
+        tg.cancel_scope.cancel()
+    after = runs[before:]
+    assert after.count("prefill") >= 10 and "decode" in after
+    longest = max(len(run) for run in "".join(k[0] for k in after).split("d"))
+    assert longest >= 3, after  # several chunks in a row, no decode step between them
