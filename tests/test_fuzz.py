@@ -108,11 +108,16 @@ def test_schema_guided_bodies(live: tuple[httpx.Client, dict[str, Any]], path: s
 def test_valid_bodies_with_mutations(live: tuple[httpx.Client, dict[str, Any]], path: str,
                                      data: st.DataObject) -> None:
     client, doc = live
-    body = dict(VALID[path])
-    for field in data.draw(st.lists(st.sampled_from(_properties(doc, path)), min_size=1,
-                                    max_size=3, unique=True)):
-        body[field] = data.draw(json_values)
-    _post(client, path, json.dumps(body).encode())
+    changed = _mutations(data, doc, path, json_values, keep=())
+    _post(client, path, json.dumps({**VALID[path], **changed}).encode())
+
+
+def _mutations(data: st.DataObject, doc: dict[str, Any], path: str,
+               values: st.SearchStrategy[Any], keep: tuple[str, ...]) -> dict[str, Any]:
+    """New values, drawn from `values`, for 1-4 of the operation's fields (not `keep`)."""
+    fields = data.draw(st.lists(st.sampled_from(_properties(doc, path)), min_size=1,
+                                max_size=4, unique=True))
+    return {field: data.draw(values) for field in fields if field not in keep}
 
 
 NUMERIC_EDGES = st.sampled_from([
@@ -127,16 +132,12 @@ def test_explicit_nulls_and_numeric_edges(live: tuple[httpx.Client, dict[str, An
                                           data: st.DataObject) -> None:
     # clients that serialise unset fields send null; 1e-310 is a valid temperature
     client, doc = live
-    body: dict[str, Any] = dict(VALID[path])
-    changed: dict[str, Any] = {}
-    for field in data.draw(st.lists(st.sampled_from(_properties(doc, path)), min_size=1,
-                                    max_size=4, unique=True)):
-        if field not in ("model", "messages", "input", "prompt"):
-            changed[field] = data.draw(NUMERIC_EDGES)
+    changed = _mutations(data, doc, path, NUMERIC_EDGES,
+                         keep=("model", "messages", "input", "prompt"))
     if data.draw(st.booleans()):
         changed["logit_bias"] = {str(data.draw(st.integers(0, 40000))):
                                  data.draw(NUMERIC_EDGES)}
-    resp = client.post(path, content=json.dumps({**body, **changed}).encode(),
+    resp = client.post(path, content=json.dumps({**VALID[path], **changed}).encode(),
                        headers={"Content-Type": "application/json"})
     _check(resp)
     if all(v is None for v in changed.values()):

@@ -160,9 +160,9 @@ class ChatEngine:
         if isinstance(prompts[0], str):
             texts = [str(p) for p in prompts]
             ids = await anyio.to_thread.run_sync(self.model.encode_texts, texts)
-        else:
+        else:  # up to max_running x context ids: checked off the event loop too
             ids = [list(map(int, p)) for p in prompts]
-            self.model.check_token_ids(ids)
+            await anyio.to_thread.run_sync(self.model.check_token_ids, ids)
         return self._enqueue(ids, params, n, param="prompt")
 
     def check_prompt_shape(self, prompts: int, id_lengths: list[int]) -> None:

@@ -146,6 +146,8 @@ class ChatModel:
     def _run(self, pool: KVPool, first: int, end: int, input_ids: npt.NDArray[np.int64],
              mask: npt.NDArray[np.generic], positions: npt.NDArray[np.int64]
              ) -> npt.NDArray[np.generic]:
+        # The engine shapes the pool first, carrying its prompt-cache rows over (then this is
+        # a no-op); direct callers (benchmarks, tests) keep nothing beyond running rows.
         pool.ensure()
         assert pool.buffer is not None
         views = pool.views.get((first, end))
