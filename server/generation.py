@@ -18,9 +18,11 @@ from typing import Any, Protocol
 import anyio
 
 from inference.chat.engine import ChatDelta
+from inference.chat.sequence import LoggedToken
 from inference.errors import InferenceError
 from server.errors import APIError, to_api_error
 from server.metrics import MeteredStream
+from server.tools import ToolCallParser
 
 # What `events` yields: a chunk, None when the generation was silent for the idle interval
 # (SSE sends a ping), or the error that ended it after streaming began.
@@ -63,12 +65,28 @@ class _Writer:
         return last
 
 
+def logprob_entry(token: LoggedToken) -> dict[str, Any]:
+    """OpenAI's `logprobs.content` entry for one token."""
+    return {**_token(token.token, token.logprob),
+            "top_logprobs": [_token(b, lp) for b, lp in token.top]}
+
+
+def _token(raw: bytes, logprob: float) -> dict[str, Any]:
+    # a token may hold part of a UTF-8 character: its text then shows the bytes escaped
+    return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": logprob,
+            "bytes": list(raw)}
+
+
 @dataclass
 class ChatChunks(_Writer):
-    """`chat.completion.chunk` objects: a role chunk per choice, then content deltas."""
+    """`chat.completion.chunk` objects: a role chunk per choice, then content (or tool-call)
+    deltas, with their tokens' log-probabilities when asked for."""
 
     object: str = "chat.completion.chunk"
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    logprobs: bool = False
+    tools: str | None = None  # the ToolCallParser mode: "auto" or "calls"; None: text only
+    _parsers: dict[int, ToolCallParser] = field(default_factory=dict)
 
     def opening(self, choices: int) -> list[dict[str, Any]]:
         return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -76,14 +94,30 @@ class ChatChunks(_Writer):
                 for i in range(choices)]
 
     def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]:
-        """The chunks for one engine delta: its text, then the finish chunk if it is last."""
+        """The chunks for one engine delta: its text (or tool-call pieces), then the finish
+        chunk if it is last."""
+        text, calls = delta.text, list[dict[str, Any]]()
+        parser = None
+        if self.tools is not None:
+            parser = self._parsers.setdefault(delta.index, ToolCallParser(self.tools))
+            text, calls = parser.feed(text)
+            if delta.finish_reason is not None:
+                text += parser.finish()
+        logprobs = {"content": [logprob_entry(t) for t in delta.logprobs], "refusal": None} \
+            if self.logprobs and delta.logprobs else None
         out = []
-        if delta.text:
-            out.append(self._chunk([{"index": delta.index, "delta": {"content": delta.text},
-                                     "logprobs": None, "finish_reason": None}]))
+        if text or calls or logprobs:
+            body: dict[str, Any] = {"content": text} if text or not calls else {}
+            if calls:
+                body["tool_calls"] = calls
+            out.append(self._chunk([{"index": delta.index, "delta": body,
+                                     "logprobs": logprobs, "finish_reason": None}]))
         if delta.finish_reason is not None:
+            finish = delta.finish_reason
+            if parser is not None and parser.calls and finish == "stop":
+                finish = "tool_calls"
             out.append(self._chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                     "finish_reason": delta.finish_reason}]))
+                                     "finish_reason": finish}]))
         return out
 
 
@@ -141,6 +175,8 @@ class Collected:
     texts: dict[int, str]
     finish: dict[int, str]
     usage: dict[str, Any]
+    tool_calls: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    logprobs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collected:
@@ -149,6 +185,8 @@ async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collecte
     texts: dict[int, list[str]] = {}
     finish: dict[int, str] = {}
     used: dict[str, Any] = {}
+    calls: dict[int, list[dict[str, Any]]] = {}
+    logprobs: dict[int, list[dict[str, Any]]] = {}
     async for event in chunks:
         if isinstance(event, APIError):
             raise event
@@ -157,11 +195,23 @@ async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collecte
         if is_usage_chunk(event):
             used = event["usage"]
         for choice in event["choices"]:
+            index = choice["index"]
             text = choice["delta"].get("content") if text_of == "delta" else choice["text"]
-            texts.setdefault(choice["index"], []).append(text or "")
+            texts.setdefault(index, []).append(text or "")
             if choice["finish_reason"] is not None:
-                finish[choice["index"]] = choice["finish_reason"]
-    return Collected({i: "".join(t) for i, t in sorted(texts.items())}, finish, used)
+                finish[index] = choice["finish_reason"]
+            if choice["logprobs"] is not None:
+                logprobs.setdefault(index, []).extend(choice["logprobs"]["content"])
+            for piece in choice.get("delta", {}).get("tool_calls", ()):
+                made = calls.setdefault(index, [])
+                if "id" in piece:  # a call's first fragment
+                    made.append({"id": piece["id"], "type": "function",
+                                 "function": dict(piece["function"])})
+                else:
+                    made[piece["index"]]["function"]["arguments"] += \
+                        piece["function"]["arguments"]
+    return Collected({i: "".join(t) for i, t in sorted(texts.items())}, finish, used, calls,
+                     logprobs)
 
 
 async def _next(stream: MeteredStream) -> ChatDelta | APIError | None:

@@ -21,6 +21,7 @@ from server.registry import ModelRegistry
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+MASK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
 class Metrics:
@@ -61,6 +62,11 @@ class Metrics:
                                         "Prompt tokens read by one prefill run", ["model"],
                                         buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024),
                                         registry=r)
+        self.mask_seconds = Histogram("npugate_grammar_mask_seconds",
+                                      "Time to compute one constrained sequence's token mask "
+                                      "(a step's rows are filled together; this is the share "
+                                      "of one)", ["model"], buckets=MASK_BUCKETS,
+                                      registry=r)
         r.register(_EngineStats(models))
 
     def embedding_batch_observer(self, model: str) -> BatchObserver:
@@ -95,8 +101,13 @@ class ChatRunObserver:
         self._prefill_tokens = metrics.prefill_tokens.labels(model)
         self._seconds = {kind: metrics.chat_run_seconds.labels(model, kind)
                          for kind in ("prefill", "decode")}
+        self._mask = metrics.mask_seconds.labels(model)
 
     def __call__(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
+        if kind == "mask":  # grammar masks of `rows` sequences, not a model run
+            for _ in range(rows):
+                self._mask.observe(seconds / rows)
+            return
         self._seconds[kind].observe(seconds)
         if kind == "decode":
             self._batch.observe(rows)

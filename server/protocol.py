@@ -43,10 +43,47 @@ class _WireModel(BaseModel):
         return data
 
 
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(_WireModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_WireModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_WireModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message of role 'tool' needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
+
+    def prompt_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         """The message's text; list content must consist of text parts."""
@@ -68,8 +105,53 @@ class StreamOptions(_WireModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_WireModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # pydantic's `schema` clashes with BaseModel's method, hence the alias
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_WireModel):
-    type: str = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object")
+        return self
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must follow; None for plain text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return self.json_schema.json_schema or {"type": "object"}
+        return None
+
+
+class FunctionDefinition(_WireModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_WireModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_WireModel):
+    name: str
+
+
+class NamedToolChoice(_WireModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class GenerationRequest(_WireModel):
@@ -130,28 +212,38 @@ class GenerationRequest(_WireModel):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    # Read only to refuse them: an agent that offers tools must not get plain text back as if
-    # the server had considered them.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # The deprecated forms of tools: read only to refuse them, so an agent that offers
+    # functions never gets plain text back as if the server had considered them.
     functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def check_supported(self) -> None:
         """Reject options this server cannot honour rather than silently ignoring them."""
-        if self.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request(f"response_format {self.response_format.type!r} is not "
-                              "supported; use 'text'", param="response_format")
-        if (self.tools or self.functions) and self.tool_choice != "none":
-            raise bad_request("tools (function calling) are not supported yet; send no tools, "
-                              "or tool_choice 'none'",
-                              param="tools" if self.tools else "functions")
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.functions is not None or self.function_call is not None:
+            raise bad_request("functions and function_call are deprecated and not served; "
+                              "send tools and tool_choice instead",
+                              param="functions" if self.functions is not None
+                              else "function_call")
+        if self.tool_choice is not None and not self.tools:
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+
+    def tool_mode(self) -> Literal["none", "auto", "required"] | NamedToolChoice:
+        """What the model may do with the tools: OpenAI's default is "auto" when tools are
+        given."""
+        if not self.tools:
+            return "none"
+        return self.tool_choice if self.tool_choice is not None else "auto"
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:

@@ -6,13 +6,17 @@ about HTTP or SSE framing (see `routes/chat.py` and `sse.py`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from inference.chat.engine import Constraint
+from inference.chat.grammar import json_schema_grammar
 from inference.chat.sampling import SamplingParams
 from inference.chat.spec import SamplingDefaults
+from server import tools
 from server.errors import APIError
 from server.generation import ChatChunks, Event, collect, events
 from server.metrics import MeteredStream, Metrics
@@ -66,28 +70,63 @@ class ChatService:
         """Queue a parsed request. Every error is raised here, before any response."""
         req.check_supported()
         engine = self._registry.chat_engine(req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        params = sampling_params(req, engine.sampling_defaults, self._max_tokens_limit)
-        stream = await engine.start(messages, params, n=req.n)
+        params = dataclasses.replace(
+            sampling_params(req, engine.sampling_defaults, self._max_tokens_limit),
+            logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+        messages = [m.prompt_dict() for m in req.messages]
+        schema = req.response_format.answer_schema() if req.response_format else None
+        mode = req.tool_mode()
+        grammar: Constraint | None = None
+        offered: list[dict[str, Any]] | None = None
+        if mode != "none":
+            assert req.tools is not None
+            functions, choice = tools.narrow([t.model_dump(exclude_none=True)
+                                              for t in req.tools],
+                                             mode if isinstance(mode, str)
+                                             else mode.model_dump())
+            offered = [{"type": "function", "function": f} for f in functions]
+            grammar = Constraint(tools.tool_grammar(functions, choice,
+                                                    parallel=req.parallel_tool_calls,
+                                                    answer_schema=schema), "tools")
+            preamble: str | None = tools.tool_preamble(functions, choice)
+            if schema is not None and choice == "auto":
+                preamble = f"{preamble}\n{tools.json_preamble(schema)}"
+        else:
+            preamble = None if schema is None else tools.json_preamble(schema)
+            if schema is not None:
+                grammar = Constraint(json_schema_grammar(schema), "response_format")
+        messages = tools.prompt_messages(messages, native=engine.supports_tools,
+                                         preamble=preamble)
+        stream = await engine.start(messages, params, n=req.n, grammar=grammar, tools=offered)
         return MeteredStream(stream, self._metrics, req.model, endpoint)
 
     def events(self, req: ChatCompletionRequest, stream: MeteredStream, *,
                include_usage: bool, idle_s: float | None = None) -> AsyncGenerator[Event, None]:
         """The generation as `chat.completion.chunk`s (see `server.generation.events`)."""
-        return events(stream, ChatChunks(model=req.model, include_usage=include_usage),
-                      idle_s=idle_s)
+        mode = req.tool_mode()
+        return events(stream, ChatChunks(
+            model=req.model, include_usage=include_usage, logprobs=req.logprobs,
+            tools=None if mode == "none" else "auto" if mode == "auto" else "calls"),
+            idle_s=idle_s)
 
     async def complete(self, req: ChatCompletionRequest, stream: MeteredStream
                        ) -> dict[str, Any]:
         """Run a non-streamed request to the end and build its `chat.completion` from the
         same chunks a stream gets."""
         whole = await collect(self.events(req, stream, include_usage=False), "delta")
+        choices = []
+        for i, text in whole.texts.items():
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            calls = whole.tool_calls.get(i)
+            if calls:
+                message["content"] = text or None
+                message["tool_calls"] = calls
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": whole.logprobs.get(i, []), "refusal": None}
+                            if req.logprobs else None,
+                            "finish_reason": whole.finish[i]})
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": req.model, "system_fingerprint": None,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": whole.finish[i]}
-                        for i, text in whole.texts.items()],
-            "usage": whole.usage,
+            "choices": choices, "usage": whole.usage,
         }

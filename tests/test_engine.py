@@ -120,7 +120,7 @@ async def test_full_queue_is_overloaded(phi3_engine: ChatEngine,
     encoded = 0
     encode = phi3_engine.model.encode_prompt
 
-    def counting(messages: list[dict[str, str]]) -> list[int]:
+    def counting(messages: list[dict[str, str]], tools: object = None) -> list[int]:
         nonlocal encoded
         encoded += 1
         return encode(messages)

@@ -60,10 +60,10 @@ def test_invalid_fields_name_their_param(extra: dict[str, object], param: str) -
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"function_call": "auto"}, "function_call"),
 ])
 def test_unsupported_options_are_rejected_clearly(extra: dict[str, object], param: str) -> None:
     with pytest.raises(APIError) as err:

@@ -23,10 +23,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
+import numpy as np
+import numpy.typing as npt
 from anyio.abc import TaskStatus
 
+from inference.chat.grammar import Matcher
 from inference.chat.kv_pool import KVPool
 from inference.chat.model import ChatModel
 from inference.chat.prompt_cache import PromptCache
@@ -42,14 +46,25 @@ from inference.errors import (
     Overloaded,
 )
 
-__all__ = ["ChatDelta", "ChatEngine", "DeltaStream", "EngineStats", "GenerationStream"]
+__all__ = ["ChatDelta", "ChatEngine", "Constraint", "DeltaStream", "EngineStats",
+           "GenerationStream"]
 log = logging.getLogger(__name__)
 DEFAULT_KV_BUDGET = 2 * 1024**3
 DEFAULT_PREFILL_CHUNK = 64
 PREFILL_SLICE_S = 0.1  # prefill time between two decode steps, beyond the first chunk
-# Per model run: "prefill" or "decode", rows in the run, new tokens, seconds. Called on the
-# device thread.
+# Per model run: "prefill" or "decode", rows in the run, new tokens, seconds; and per step
+# with constrained rows, "mask", the rows whose grammar masks were filled, and the seconds
+# that took. Called on the device thread.
 RunObserver = Callable[[str, int, int, float], None]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A grammar (llguidance's text, see `inference.chat.grammar`) every choice must follow,
+    and the request parameter that asked for it (named by errors)."""
+
+    grammar: str
+    param: str
 
 
 @dataclass
@@ -140,15 +155,31 @@ class ChatEngine:
         """The prompt cache's counters, for /health and /metrics."""
         return {"enabled": self.cache.enabled, **dataclasses.asdict(self.cache.stats)}
 
-    async def start(self, messages: list[dict[str, str]], params: SamplingParams, *,
-                    n: int = 1) -> GenerationStream:
-        """Queue a chat generation of `n` choices. Raises before anything streams if it
-        cannot be served."""
+    @property
+    def supports_tools(self) -> bool:
+        """The model's chat template reads tool definitions itself."""
+        return self.model.template.supports_tools
+
+    async def start(self, messages: list[dict[str, Any]], params: SamplingParams, *,
+                    n: int = 1, grammar: Constraint | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> GenerationStream:
+        """Queue a chat generation of `n` choices, each following `grammar` if one is given.
+        `tools` go to templates that read them. Raises before anything streams if it cannot
+        be served."""
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
         self._check_start(params, n)
-        prompt = await anyio.to_thread.run_sync(self.model.encode_prompt, messages)
-        return self._enqueue([prompt], params, n, param="messages")
+
+        def prepare() -> tuple[list[int], list[Matcher] | None]:
+            # off the event loop and the device thread: templates, tokenizing, and
+            # compiling a grammar (a hostile one is bounded by grammar.limits) take a while
+            prompt = self.model.encode_prompt(messages, tools)
+            if grammar is None:
+                return prompt, None
+            return prompt, self.model.guide.matchers(grammar.grammar, n, param=grammar.param)
+
+        prompt, matchers = await anyio.to_thread.run_sync(prepare)
+        return self._enqueue([prompt], params, n, param="messages", matchers=matchers)
 
     async def start_completion(self, prompts: list[str] | list[list[int]],
                                params: SamplingParams, *, n: int = 1) -> GenerationStream:
@@ -190,7 +221,7 @@ class ChatEngine:
         self._check_queue()  # before tokenizing: an overloaded server refuses cheaply
 
     def _enqueue(self, prompts: list[list[int]], params: SamplingParams, n: int, *,
-                 param: str) -> GenerationStream:
+                 param: str, matchers: list[Matcher] | None = None) -> GenerationStream:
         longest = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise InvalidInput("a prompt has no tokens", param=param)
@@ -205,7 +236,7 @@ class ChatEngine:
         self._check_queue()  # again: others may have queued while this prompt was tokenized
         send, receive = anyio.create_memory_object_stream[ChatDelta | InferenceError](
             max_buffer_size=len(needs) * max_tokens + 2)  # one item per step at most: bounded
-        gen = Generation(self.model, prompts, params, max_tokens, n, send)
+        gen = Generation(self.model, prompts, params, max_tokens, n, send, matchers)
         self._waiting.append(gen)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += gen.prompt_tokens
@@ -363,7 +394,8 @@ class ChatEngine:
         for other in siblings:  # n > 1: the prompt is read once, then copied
             self.pool.copy(choice.row, other.row, len(choice.prompt))
         for each in (choice, *siblings):
-            self._emit(each, each.advance(logits))
+            self._emit(each, each.advance(logits, None if each.matcher is None
+                                          else each.matcher.first))
 
     def _decode(self) -> None:
         rows = self._rows
@@ -381,14 +413,26 @@ class ChatEngine:
                     self._fail(c.generation, exc)
             return
         self.stats.decode_rows_total += stepped
+        masks = self._masks([c for row, c in enumerate(rows[:width])
+                             if tokens[row] is not None and c.matcher is not None])
         for row, choice in enumerate(rows[:width]):
             if tokens[row] is not None and not choice.generation.cancelled:
-                self._emit(choice, choice.advance(logits[row]))
+                self._emit(choice, choice.advance(logits[row], masks.get(id(choice))))
+
+    def _masks(self, guided: list[Choice]) -> dict[int, npt.NDArray[np.bool_]]:
+        """The grammar masks of a step's constrained choices, filled in parallel."""
+        if not guided:
+            return {}
+        started = time.perf_counter()
+        matchers = [c.matcher.matcher for c in guided if c.matcher is not None]
+        allowed = self.model.guide.fill(matchers)
+        self._observe("mask", len(guided), len(guided), started)
+        return {id(c): allowed[i] for i, c in enumerate(guided)}
 
     def _observe(self, kind: str, rows: int, tokens: int, started: float) -> None:
         if kind == "prefill":
             self.stats.prefill_runs_total += 1
-        else:
+        elif kind == "decode":
             self.stats.decode_runs_total += 1
         if self.on_run is not None:
             self.on_run(kind, rows, tokens, time.perf_counter() - started)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from inference.chat.grammar import Guide
 from inference.chat.kv_pool import KVLayout, KVPool
 from inference.chat.spec import ChatModelSpec
 from inference.chat.template import ChatTemplate
@@ -67,6 +69,7 @@ class ChatModel:
         self._output_names = [spec.logits_name, *self._present_names]
         self.vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=True),
                               _logits_width(self._session, spec.logits_name))
+        self.guide = Guide(self.tokenizer, self.vocab_size, spec.eos_token_ids)
         # No token stands for more text than the longest one (+1 for a leading space a
         # decoder may strip), so a prompt of more bytes than the context times this cannot fit
         # and is refused without tokenizing it (a second of CPU per MiB on 2 cores).
@@ -81,9 +84,11 @@ class ChatModel:
         spec = ChatModelSpec.from_folder(folder, model_id)
         return cls(spec, cpu_session(spec.onnx_file, threads=threads))
 
-    def encode_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render the chat template and tokenize it (the template supplies special tokens)."""
-        text = self.template.render(messages, add_generation_prompt=True)
+    def encode_prompt(self, messages: list[dict[str, Any]],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render the chat template and tokenize it (the template supplies special tokens).
+        `tools` reach templates that read them (`template.supports_tools`)."""
+        text = self.template.render(messages, add_generation_prompt=True, tools=tools)
         size, context = len(text.encode()), self.spec.context_length
         if size > context * self.max_token_bytes:
             raise ContextTooLong(

@@ -1,5 +1,5 @@
 """Token sampling: greedy, temperature, top-k, top-p, seeds, logit bias, presence/frequency
-penalties."""
+penalties, grammar masks, and the log-probabilities of what was sampled."""
 
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100), added to logits
+    logprobs: bool = False  # report each sampled token's log-probability
+    top_logprobs: int = 0  # ... and the most likely alternatives (0-20)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the `top` most likely tokens', as (token id,
+    log-probability) pairs, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 # Below this temperature sampling is greedy. Scaling logits by 1/T for a far smaller T
@@ -45,17 +57,25 @@ class Sampler:
         self._penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         self._bias_ids = np.asarray([i for i, _ in params.logit_bias], dtype=np.int64)
         self._bias = np.asarray([b for _, b in params.logit_bias], dtype=np.float32)
+        self.last: TokenLogprob | None = None  # the last token's, when params.logprobs
 
-    def sample(self, logits: npt.NDArray[np.float32]) -> int:
-        """Return the chosen token id and remember it for the penalties."""
+    def sample(self, logits: npt.NDArray[np.float32],
+               allowed: npt.NDArray[np.bool_] | None = None) -> int:
+        """Return the chosen token id and remember it for the penalties. `allowed` (a grammar's
+        mask) removes every other token, greedy included."""
+        logits = self._adjust(logits, allowed)
         token = self._choose(logits)
         if token < self._counts.shape[0]:
             self._counts[token] += 1.0
+        if self._p.logprobs:
+            self.last = self._logprob(logits, token)
         return token
 
-    def _choose(self, logits: npt.NDArray[np.float32]) -> int:
+    def _adjust(self, logits: npt.NDArray[np.float32],
+                allowed: npt.NDArray[np.bool_] | None) -> npt.NDArray[np.float32]:
+        """The logits after penalties, bias and mask: what the distribution is made from."""
         p = self._p
-        if self._penalised or self._bias_ids.size:
+        if self._penalised or self._bias_ids.size or allowed is not None:
             logits = logits.astype(np.float32, copy=True)
         if self._penalised:
             n = min(logits.shape[0], self._counts.shape[0])
@@ -64,6 +84,30 @@ class Sampler:
         if self._bias_ids.size:
             inside = self._bias_ids < logits.shape[0]
             np.add.at(logits, self._bias_ids[inside], self._bias[inside])
+        if allowed is not None:
+            width = min(logits.shape[0], allowed.shape[0])
+            logits[:width][~allowed[:width]] = -np.inf
+            logits[width:] = -np.inf
+        return logits
+
+    def _logprob(self, logits: npt.NDArray[np.float32], token: int) -> TokenLogprob:
+        """Log-probabilities of the distribution sampled from: after penalties, bias and
+        mask, at the request's temperature (the model's own, 1, when greedy), before top-k
+        and top-p cut its tail. Masked tokens have none (probability 0)."""
+        t = self._p.temperature if self._p.temperature >= MIN_TEMPERATURE else 1.0
+        z = logits.astype(np.float64) / t
+        z -= np.max(z)
+        logp = z - np.log(np.sum(np.exp(z)))
+        top: tuple[tuple[int, float], ...] = ()
+        k = min(self._p.top_logprobs, int(np.isfinite(logp).sum()))
+        if k:
+            best = np.argpartition(logp, -k)[-k:]
+            best = best[np.argsort(logp[best])[::-1]]
+            top = tuple((int(i), float(logp[i])) for i in best)
+        return TokenLogprob(token, float(logp[token]), top)
+
+    def _choose(self, logits: npt.NDArray[np.float32]) -> int:
+        p = self._p
         if p.temperature < MIN_TEMPERATURE:
             return int(np.argmax(logits))
         # shifted first, so the largest is exactly 0 and nothing overflows

@@ -16,8 +16,9 @@ import numpy.typing as npt
 from anyio.streams.memory import MemoryObjectSendStream
 
 from inference.chat.detokenizer import IncrementalDetokenizer
+from inference.chat.grammar import Matcher
 from inference.chat.model import ChatModel
-from inference.chat.sampling import Sampler, SamplingParams
+from inference.chat.sampling import Sampler, SamplingParams, TokenLogprob
 from inference.chat.stops import StopMatcher
 from inference.errors import InferenceError
 
@@ -34,6 +35,16 @@ class ChatDelta:
     completion_tokens: int
     index: int = 0  # the choice, for n > 1
     cached_tokens: int = 0  # prompt tokens this choice took from the prompt cache
+    logprobs: tuple[LoggedToken, ...] = ()  # the step's sampled token, when asked for
+
+
+@dataclass(frozen=True)
+class LoggedToken:
+    """A sampled token's log-probability and its top alternatives, with their bytes."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 class Generation:
@@ -43,7 +54,9 @@ class Generation:
 
     def __init__(self, model: ChatModel, prompts: list[list[int]], params: SamplingParams,
                  max_tokens: int, n: int,
-                 send: MemoryObjectSendStream[ChatDelta | InferenceError]) -> None:
+                 send: MemoryObjectSendStream[ChatDelta | InferenceError],
+                 matchers: list[Matcher] | None = None) -> None:
+        """`matchers`, for a constrained generation: one per choice."""
         self.prompts = prompts
         self.max_tokens = max_tokens
         self.send = send
@@ -54,6 +67,8 @@ class Generation:
         self.admitted_at: float | None = None
         self.choices = [Choice(self, model, params, prompt, p * n + j, j)
                         for p, prompt in enumerate(prompts) for j in range(n)]
+        for choice, matcher in zip(self.choices, matchers or (), strict=False):
+            choice.matcher = matcher
 
     @property
     def prompt_tokens(self) -> int:
@@ -83,6 +98,8 @@ class Choice:
         self.looked_up = False  # the prompt cache was asked for this prompt
         self.cached = 0  # prompt tokens taken from the prompt cache
         self.failed = False
+        self.matcher: Matcher | None = None  # the grammar this choice's tokens must follow
+        self._guide = model.guide
         self._eos = model.spec.eos_token_ids
         self._context = model.spec.context_length
         self._sampler = Sampler(params, model.vocab_size, stream=sibling)
@@ -109,9 +126,13 @@ class Choice:
         """The other answers to this choice's prompt (they follow its prefill)."""
         return [c for c in self.generation.choices if c.prompt is self.prompt and c is not self]
 
-    def advance(self, logits: npt.NDArray[np.float32]) -> ChatDelta:
-        """Sample the next token from this choice's logits and turn it into a delta."""
-        token = self._sampler.sample(logits)
+    def advance(self, logits: npt.NDArray[np.float32],
+                allowed: npt.NDArray[np.bool_] | None = None) -> ChatDelta:
+        """Sample the next token from this choice's logits (only `allowed` tokens, under a
+        grammar) and turn it into a delta. A finished grammar ends the choice with "stop"."""
+        token = self._sampler.sample(logits, allowed)
+        if self.matcher is not None:
+            self.matcher.consume(token)
         self.last = token
         self.completion_tokens += 1
         self.state = "decode"
@@ -124,14 +145,23 @@ class Choice:
             text = self._stops.push(self._detok.step(token))
             if self._stops.stopped:
                 finish = "stop"
+            elif self.matcher is not None and self.matcher.done:
+                text += self._drain()
+                finish = "stop"
             elif (self.completion_tokens >= gen.max_tokens
                   or len(self.prompt) + self.completion_tokens >= self._context):
                 text += self._drain()
                 finish = "stop" if self._stops.stopped else "length"
         if finish is not None:
             self.state = "done"
+        logged = self._sampler.last
         return ChatDelta(text, finish, len(self.prompt), self.completion_tokens, self.index,
-                         self.cached)
+                         self.cached, () if logged is None or token in self._eos
+                         else (self._log(logged),))
+
+    def _log(self, logged: TokenLogprob) -> LoggedToken:
+        return LoggedToken(self._guide.token_bytes(logged.token), logged.logprob,
+                           tuple((self._guide.token_bytes(t), lp) for t, lp in logged.top))
 
     def _drain(self) -> str:
         return self._stops.push(self._detok.flush()) + self._stops.flush()

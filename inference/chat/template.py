@@ -20,20 +20,25 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(source)
+        # Templates written for tool calling read a `tools` variable (Hugging Face's
+        # convention); for the others, the server describes tools in a system message.
+        self.supports_tools = "tools" in source
         self._bos = bos_token
         self._eos = eos_token
 
     def render(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render `messages` ({"role", "content"} dicts with string content)."""
+        """Render `messages` ({"role", "content"} dicts with string content, and what else
+        the template reads: `tool_calls`, `tool_call_id`)."""
         try:
             return self._template.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos,
                 eos_token=self._eos,
-                tools=None,
+                tools=tools if self.supports_tools else None,
             )
         except TemplateError as exc:
             raise InvalidInput(f"the model's chat template rejected the messages: {exc}",
