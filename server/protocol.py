@@ -44,6 +44,22 @@ class _WireModel(BaseModel):
 
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+# JSON schemas nested deeper than this are refused: OpenAI allows 10 levels; serialisers and
+# schema compilers recurse, and Python's stack is finite.
+MAX_SCHEMA_DEPTH = 64
+
+
+def _check_depth(value: Any) -> Any:
+    """Refuse JSON nested deeper than MAX_SCHEMA_DEPTH (iteratively: no recursion)."""
+    level: list[Any] = [value]
+    for _ in range(MAX_SCHEMA_DEPTH + 1):
+        level = [v for item in level
+                 for v in (item.values() if isinstance(item, dict)
+                           else item if isinstance(item, list) else ())
+                 if isinstance(v, dict | list)]
+        if not level:
+            return value
+    raise ValueError(f"the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
 
 
 class FunctionCall(_WireModel):
@@ -112,6 +128,8 @@ class JsonSchemaFormat(_WireModel):
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
+    _depth = field_validator("json_schema")(_check_depth)
+
 
 class ResponseFormat(_WireModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
@@ -138,6 +156,8 @@ class FunctionDefinition(_WireModel):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    _depth = field_validator("parameters")(_check_depth)
 
 
 class Tool(_WireModel):

@@ -81,13 +81,17 @@ def tool_preamble(functions: list[dict[str, Any]], choice: str) -> str:
     return "\n".join(lines)
 
 
+MAX_SCHEMA_NOTE = 4096  # bytes of schema quoted to the model; the grammar enforces any size
+
+
 def json_preamble(schema: dict[str, Any]) -> str:
     """The system message for a `response_format`: the grammar makes the answer JSON, and
     this tells the model which (a small model that is not told fills an unbounded integer
-    with digits until max_tokens)."""
-    if schema == {"type": "object"}:
-        return "Reply with only a JSON object."
-    return f"Reply with only JSON that follows this JSON schema: {orjson.dumps(schema).decode()}"
+    with digits until max_tokens). A schema too large to quote is left to the grammar."""
+    text = orjson.dumps(schema).decode()
+    if schema == {"type": "object"} or len(text) > MAX_SCHEMA_NOTE:
+        return "Reply with only JSON."
+    return f"Reply with only JSON that follows this JSON schema: {text}"
 
 
 def calls_text(calls: list[dict[str, Any]]) -> str:

@@ -216,6 +216,13 @@ def test_auto_answers_in_text_or_calls_and_a_round_trip_completes(
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + 20
 
 
+def _nested(depth: int) -> dict:  # type: ignore[type-arg]
+    schema: dict = {"type": "integer"}  # type: ignore[type-arg]
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 def test_tool_errors_are_400s(client: openai.OpenAI) -> None:
     cases = [
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}},
@@ -226,6 +233,8 @@ def test_tool_errors_are_400s(client: openai.OpenAI) -> None:
          "tools.0.function.name"),
         ({"tools": [WEATHER], "messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
         ({"top_logprobs": 3}, "top_logprobs"),
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "deep", "schema": _nested(40)}}}, "response_format.json_schema.schema"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ]
     for extra, param in cases:
