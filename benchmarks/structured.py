@@ -183,9 +183,11 @@ async def hostile(client: httpx.AsyncClient, timings: Timings, ticker: Ticker) -
         timings.reset()
         ticker.worst = 0.0
         text = schema if isinstance(schema, str) else json.dumps(schema)
-        body = ('{"model":"%s","messages":[{"role":"user","content":"Fill it in."}],'
-                '"temperature":0,"max_tokens":64,"response_format":{"type":"json_schema",'
-                '"json_schema":{"name":"h","schema":%s}}}' % (MODEL, text))
+        head = json.dumps({"model": MODEL, "messages": [
+            {"role": "user", "content": "Fill it in."}], "temperature": 0, "max_tokens": 64})
+        # spliced as text: the deepest schemas are too deep for Python's own encoder
+        body = (head[:-1] + ',"response_format":{"type":"json_schema","json_schema":'
+                '{"name":"h","schema":' + text + "}}}")
         t0 = time.perf_counter()
         resp = await client.post("/v1/chat/completions", content=body,
                                  headers={"content-type": "application/json"})

@@ -159,6 +159,13 @@ class FunctionDefinition(_WireModel):
 
     _depth = field_validator("parameters")(_check_depth)
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError("parameters must be a JSON schema of type 'object'")
+        return v
+
 
 class Tool(_WireModel):
     type: Literal["function"]
@@ -242,6 +249,12 @@ class ChatCompletionRequest(GenerationRequest):
     # functions never gets plain text back as if the server had considered them.
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # Fields that would change the answer and that these models cannot honour: refused.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
 
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -255,6 +268,13 @@ class ChatCompletionRequest(GenerationRequest):
                               "send tools and tool_choice instead",
                               param="functions" if self.functions is not None
                               else "function_call")
+        if self.audio is not None or (self.modalities and self.modalities != ["text"]):
+            raise bad_request("audio output is not supported; these models write text only",
+                              param="audio" if self.audio is not None else "modalities")
+        for name in ("web_search_options", "reasoning_effort", "verbosity"):
+            if getattr(self, name) is not None:
+                raise bad_request(f"{name} is not supported by the served models",
+                                  param=name)
         if self.tool_choice is not None and not self.tools:
             raise bad_request("tool_choice needs tools", param="tool_choice")
 

@@ -10,7 +10,8 @@ Client → server (JSON text messages):
                                       socket (1008)
 Server → client:
   {"type": "chat.delta", "id": ID, "chunk": <chat.completion.chunk, as over SSE>}
-  {"type": "chat.done", "id": ID, "finish_reason": "stop"|"length"|"cancelled", "usage": {...}}
+  {"type": "chat.done", "id": ID, "finish_reason": "stop"|"length"|"tool_calls"|"cancelled",
+   "usage": {...}}
   {"type": "embeddings.result", "id": ID, "response": <body of /v1/embeddings>}
   {"type": "error", "id": ID|null, "error": <OpenAI error body's "error">}
   {"type": "pong"}, {"type": "auth.ok"}

@@ -16,6 +16,7 @@ an `index`, an `id`, `type` and `function.name` first, then `function.arguments`
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -32,8 +33,13 @@ def _lark_string(text: str) -> str:
     return orjson.dumps(text).decode()  # a JSON string is a valid Lark literal
 
 
+def _json(value: Any) -> str:
+    # the standard library's encoder: orjson refuses integers beyond 64 bits, valid in JSON
+    return json.dumps(value, separators=(",", ":"))
+
+
 def _schema(schema: dict[str, Any]) -> str:
-    return orjson.dumps({**schema, "x-guidance": JSON_OPTIONS}).decode()
+    return _json({**schema, "x-guidance": JSON_OPTIONS})
 
 
 def tool_grammar(functions: list[dict[str, Any]], choice: str, *, parallel: bool,
@@ -43,7 +49,7 @@ def tool_grammar(functions: list[dict[str, Any]], choice: str, *, parallel: bool
     rules = []
     for i, fn in enumerate(functions):
         opening = _lark_string(f'{{"name":"{fn["name"]}","arguments":')
-        params = fn.get("parameters") or {"type": "object"}
+        params = {**(fn.get("parameters") or {}), "type": "object"}  # arguments: an object
         rules.append(f'fn_{i}: {opening} %json {_schema(params)} "}}"')
     repeat = f' ("," call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
     lines = [
@@ -69,7 +75,7 @@ def tool_preamble(functions: list[dict[str, Any]], choice: str) -> str:
             line += f": {fn['description']}"
         params = fn.get("parameters")
         if params:
-            line += f" Arguments (JSON schema): {orjson.dumps(params).decode()}"
+            line += f" Arguments (JSON schema): {_json(params)}"
         lines.append(line)
     form = '{"tool_calls":[{"name":"<function name>","arguments":{<arguments>}}]}'
     if choice == "auto":
@@ -88,7 +94,7 @@ def json_preamble(schema: dict[str, Any]) -> str:
     """The system message for a `response_format`: the grammar makes the answer JSON, and
     this tells the model which (a small model that is not told fills an unbounded integer
     with digits until max_tokens). A schema too large to quote is left to the grammar."""
-    text = orjson.dumps(schema).decode()
+    text = _json(schema)
     if schema == {"type": "object"} or len(text) > MAX_SCHEMA_NOTE:
         return "Reply with only JSON."
     return f"Reply with only JSON that follows this JSON schema: {text}"

@@ -76,13 +76,13 @@ async def test_full_queue_is_429_with_retry_after(app: Quart,
     # The tiny model decodes 64 tokens in milliseconds: hold the running one at its first
     # step so that the next one has to wait.
     gate = threading.Event()
-    forward = engine.model.forward
+    decode = engine.model.decode
 
     def held(*args: Any) -> Any:
         gate.wait(10)
-        return forward(*args)
+        return decode(*args)
 
-    monkeypatch.setattr(engine.model, "forward", held)
+    monkeypatch.setattr(engine.model, "decode", held)
 
     async def post() -> None:
         await client.post("/v1/chat/completions", json=long)

@@ -64,6 +64,10 @@ def test_invalid_fields_name_their_param(extra: dict[str, object], param: str) -
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
 ])
 def test_unsupported_options_are_rejected_clearly(extra: dict[str, object], param: str) -> None:
     with pytest.raises(APIError) as err:

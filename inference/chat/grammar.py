@@ -12,6 +12,7 @@ for all constrained rows of a step at once (`Guide.fill`).
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,9 @@ def limits() -> llguidance.LLParserLimits:
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """llguidance grammar text for output that is JSON valid against `schema`."""
-    return str(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS))
+    # as text: integers beyond 64 bits are valid JSON that llguidance's own encoder refuses
+    return str(llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps(schema, separators=(",", ":")), overrides=JSON_OPTIONS))
 
 
 def lark_grammar(source: str) -> str:
