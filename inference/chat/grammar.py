@@ -141,8 +141,9 @@ class Guide:
             assert self._executor is not None
             llnp.fill_next_token_bitmask_par(self._executor,
                                              [(m, i) for i, m in enumerate(matchers)], bits)
-        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")
-        return allowed[:, :self.vocab_size].astype(bool)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little",
+                                count=self.vocab_size)
+        return allowed.view(np.bool_)  # 0/1 bytes: a view, no copy
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes token `token` stands for (a piece of a UTF-8 character, possibly)."""

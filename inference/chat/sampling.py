@@ -86,7 +86,7 @@ class Sampler:
             np.add.at(logits, self._bias_ids[inside], self._bias[inside])
         if allowed is not None:
             width = min(logits.shape[0], allowed.shape[0])
-            logits[:width][~allowed[:width]] = -np.inf
+            np.copyto(logits[:width], -np.inf, where=~allowed[:width])
             logits[width:] = -np.inf
         return logits
 
