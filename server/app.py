@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from inference.chat.engine import ChatEngine
 from inference.embed.batcher import EmbeddingBatcher
+from inference.embed.cache import EmbeddingCache
 from inference.errors import InferenceError
 from server.errors import APIError, internal_error, to_api_error
 from server.metrics import Metrics
@@ -54,7 +55,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     else:
         registry = ModelRegistry.from_folders(list(settings.chat_models),
                                               list(settings.embedding_models))
-    metrics = Metrics(registry)
+    embedding_cache = EmbeddingCache(settings.embedding_cache_mib * 2**20)
+    metrics = Metrics(registry, embedding_cache)
     for batcher in batchers or []:
         batcher.on_batch = batcher.on_batch or metrics.embedding_batch_observer(batcher.model_id)
     for engine in engines or []:
@@ -65,7 +67,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
                          max_tokens_limit=settings.max_tokens_limit),
         completions=CompletionService(registry, metrics,
                                       max_tokens_limit=settings.max_tokens_limit),
-        embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs),
+        embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs,
+                                    cache=embedding_cache),
         metrics=metrics)
     for bp in (chat.bp, completions.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
         app.register_blueprint(bp)

@@ -46,6 +46,8 @@ NUMBER_FLAGS = (
      "inputs per embedding request (413)"),
     ("--embedding-max-queued", "embedding_max_queued", "NPUGATE_EMBEDDING_MAX_QUEUED",
      "embedding inputs queued per model (429 above)"),
+    ("--embedding-cache", "embedding_cache_mib", "NPUGATE_EMBEDDING_CACHE",
+     "MiB of embedding vectors cached by model and input; 0 turns the cache off"),
     ("--ws-max-message-bytes", "ws_max_message_bytes", "NPUGATE_WS_MAX_MESSAGE_BYTES",
      "WebSocket message size (error event above)"),
     ("--ws-max-conversations", "ws_max_conversations", "NPUGATE_WS_MAX_CONVERSATIONS",

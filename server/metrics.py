@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from inference.chat.engine import ChatDelta, DeltaStream, GenerationStream
+from inference.embed.cache import EmbeddingCache
 from server.registry import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -27,7 +28,8 @@ MASK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.
 class Metrics:
     """Every metric npugate exports, in its own registry."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ModelRegistry,
+                 embedding_cache: EmbeddingCache | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("npugate_time_to_first_token_seconds",
@@ -67,7 +69,7 @@ class Metrics:
                                       "(a step's rows are filled together; this is the share "
                                       "of one)", ["model"], buckets=MASK_BUCKETS,
                                       registry=r)
-        r.register(_EngineStats(models))
+        r.register(_EngineStats(models, embedding_cache))
 
     def embedding_batch_observer(self, model: str) -> BatchObserver:
         return BatchObserver(self, model)
@@ -168,8 +170,9 @@ class MeteredStream(DeltaStream):
 class _EngineStats(Collector):
     """Counters and gauges read from the engines at scrape time."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, models: ModelRegistry, embedding_cache: EmbeddingCache | None) -> None:
         self._models = models
+        self._embedding_cache = embedding_cache
 
     def collect(self) -> Iterator[Metric]:
         running = GaugeMetricFamily("npugate_num_requests_running",
@@ -230,10 +233,28 @@ class _EngineStats(Collector):
                 b, mid = entry.embedding, entry.id
                 queued.add_metric([mid], b.queued)
                 inputs.add_metric([mid], b.stats.inputs_total)
-                for provider, n in b.model.session.runs_by_provider.items():
+                device = b.device_info()
+                for provider, n in device["runs_by_provider"].items():
                     runs.add_metric([mid, provider], n)
-                fell_back = b.model.session.fallback_reason is not None and \
-                    b.model.provider != "QNNExecutionProvider"
+                fell_back = device["fallback_reason"] is not None and \
+                    b.provider != "QNNExecutionProvider"
                 fallback.add_metric([mid], 1.0 if fell_back else 0.0)
         yield from (running, waiting, prompt, generated, outcomes, queued, inputs, runs,
                     fallback, up, kv, kv_rows, *cache_counts.values(), cache_held)
+        if self._embedding_cache is not None:
+            c = self._embedding_cache.stats
+            for name, text, value in (("hits", "Embedding inputs answered from the cache",
+                                       c.hits),
+                                      ("misses", "Embedding inputs the cache did not hold",
+                                       c.misses),
+                                      ("evictions", "Embedding cache entries dropped for room",
+                                       c.evictions)):
+                counter = CounterMetricFamily(f"npugate_embedding_cache_{name}", text)
+                counter.add_metric([], value)
+                yield counter
+            for name, text, value in (("bytes", "Bytes the embedding cache holds", c.bytes),
+                                      ("entries", "Vectors the embedding cache holds",
+                                       c.entries)):
+                gauge = GaugeMetricFamily(f"npugate_embedding_cache_{name}", text)
+                gauge.add_metric([], value)
+                yield gauge

@@ -70,7 +70,7 @@ class ModelEntry:
         if self.chat is not None:
             return self.chat.provider
         if self.embedding is not None:
-            return self.embedding.model.provider
+            return self.embedding.provider
         return None
 
     def describe(self) -> dict[str, Any]:
@@ -85,14 +85,9 @@ class ModelEntry:
             info["kv_cache"] = self.chat.kv_usage()
             info["prompt_cache"] = self.chat.cache_stats()
         if self.embedding is not None:
-            session = self.embedding.model.session
             info["inputs_queued"] = self.embedding.queued
             info["stats"] = dataclasses.asdict(self.embedding.stats)
-            info["runs_by_provider"] = dict(session.runs_by_provider)
-            info["qnn_device"] = session.qnn_kind
-            info["qnn_buckets"] = session.placement
-            info["fallback_reason"] = session.fallback_reason
-            info["note"] = session.note
+            info.update(self.embedding.device_info())
         return info
 
 

@@ -7,25 +7,26 @@ Inputs longer than the model's maximum length are rejected with 400
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
-import anyio
 import numpy as np
 
+from inference.embed.cache import EmbeddingCache
 from inference.embed.model import Vector
 from server.errors import APIError, bad_request
 from server.protocol import EmbeddingRequest, parse_model
 from server.registry import ModelRegistry
 
-INLINE_TOKENIZE_CHARS = 2048
-
 
 class EmbeddingService:
-    """Serves `/v1/embeddings` from the registry's batchers."""
+    """Serves `/v1/embeddings` from the registry's batchers, through the embedding cache."""
 
-    def __init__(self, registry: ModelRegistry, *, max_inputs: int = 2048) -> None:
+    def __init__(self, registry: ModelRegistry, *, max_inputs: int = 2048,
+                 cache: EmbeddingCache | None = None) -> None:
         self._registry = registry
         self.max_inputs = max_inputs
+        self.cache = cache or EmbeddingCache(0)
 
     def parse(self, body: dict[str, Any]) -> EmbeddingRequest:
         """Validate a decoded request body. Counts and token-id lengths are checked first:
@@ -38,43 +39,42 @@ class EmbeddingService:
                                "are allowed per request", param="input",
                                code="too_many_inputs")
             if isinstance(body.get("model"), str):
-                model = self._registry.embedding_batcher(body["model"]).model
-                for i, ids in enumerate(lists):
-                    if isinstance(ids, list):
-                        model.check_length(ids, i)
+                self._registry.embedding_batcher(body["model"]).check_token_lists(lists)
         return parse_model(EmbeddingRequest, body)
 
     async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
         batcher = self._registry.embedding_batcher(req.model)
-        model = batcher.model
         items = req.inputs()
-        if req.dimensions is not None and req.dimensions != model.spec.dimension:
-            if not model.spec.matryoshka:
+        if req.dimensions is not None and req.dimensions != batcher.dimension:
+            if not batcher.matryoshka:
                 raise bad_request(f"model {req.model} does not support shortened embeddings; "
-                                  f"omit dimensions (it is {model.spec.dimension})",
+                                  f"omit dimensions (it is {batcher.dimension})",
                                   param="dimensions")
-            if req.dimensions > model.spec.dimension:
-                raise bad_request(f"dimensions must be at most {model.spec.dimension}",
+            if req.dimensions > batcher.dimension:
+                raise bad_request(f"dimensions must be at most {batcher.dimension}",
                                   param="dimensions")
-        if isinstance(items[0], str):
-            for i, text in enumerate(items):
-                model.check_text_size(text, i)
-            # Short inputs tokenize faster than a thread hop costs; long ones leave the loop.
-            chars = sum(len(x) for x in items)
-            ids = (model.tokenize(items) if chars <= INLINE_TOKENIZE_CHARS
-                   else await anyio.to_thread.run_sync(model.tokenize, items))
-        else:
-            ids = [model.wrap_ids(x) for x in items]
-        for i, x in enumerate(ids):
-            model.check_length(x, i)
-        vectors = await batcher.embed(ids)
-        tokens = sum(len(x) for x in ids)
+        vectors: list[Vector | None] = [None] * len(items)
+        tokens = [0] * len(items)
+        keys = [self.cache.key(req.model, x) for x in items] if self.cache.enabled else []
+        for i, key in enumerate(keys):  # hits skip tokenizing and the batcher
+            found = self.cache.get(key)
+            if found is not None:
+                vectors[i], tokens[i] = found
+        inputs: list[str | Sequence[int]] = list(items)
+        misses = [(i, x) for i, x in enumerate(inputs) if vectors[i] is None]
+        if misses:
+            ids = await batcher.tokenize(misses)
+            for (i, _), x, v in zip(misses, ids, await batcher.embed(ids), strict=True):
+                vectors[i], tokens[i] = v, len(x)
+                if keys:
+                    self.cache.put(keys[i], v, len(x))
+        used = sum(tokens)
         return {
             "object": "list", "model": req.model,
             "data": [{"object": "embedding", "index": i,
                       "embedding": _encode(_shorten(v, req.dimensions), req.encoding_format)}
-                     for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                     for i, v in enumerate(vectors) if v is not None],
+            "usage": {"prompt_tokens": used, "total_tokens": used},
         }
 
 

@@ -25,6 +25,7 @@ class Settings:
     embedding_batch_tokens: int = 16384
     embedding_max_queued: int = 2048
     embedding_max_inputs: int = 2048
+    embedding_cache_mib: int = 64  # LRU of vectors by model and input; 0 turns it off
     qnn_buckets: tuple[tuple[int, int], ...] = DEFAULT_BUCKETS
     qnn_max_batch: int = 8
     models_dir: Path = field(default_factory=default_models_dir)

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
@@ -28,6 +29,7 @@ from inference.embed.model import EmbeddingModel, Vector
 from inference.errors import BackendUnavailable, InferenceError, Overloaded
 
 log = logging.getLogger(__name__)
+INLINE_CHARS = 2048  # texts up to this many characters in all tokenize on the event loop
 
 
 @dataclass
@@ -101,6 +103,54 @@ class EmbeddingBatcher:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    # --- what the server needs of a model, without reaching into it ----------------------
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def dimension(self) -> int:
+        return self.model.spec.dimension
+
+    @property
+    def matryoshka(self) -> bool:
+        """The model's vectors may be shortened (`dimensions`)."""
+        return self.model.spec.matryoshka
+
+    def device_info(self) -> dict[str, Any]:
+        """Where runs happen, for /health and /v1/models."""
+        session = self.model.session
+        return {"runs_by_provider": dict(session.runs_by_provider),
+                "qnn_device": session.qnn_kind, "qnn_buckets": session.placement,
+                "fallback_reason": session.fallback_reason, "note": session.note}
+
+    def check_token_lists(self, lists: Sequence[object]) -> None:
+        """Refuse token-id inputs longer than the model reads, before full validation."""
+        for i, ids in enumerate(lists):
+            if isinstance(ids, list):
+                self.model.check_length(ids, i)
+
+    async def tokenize(self, items: Sequence[tuple[int, str | Sequence[int]]]
+                       ) -> list[list[int]]:
+        """Token ids for (request index, text or token ids) pairs, each checked against the
+        model's limits (errors name the request's index)."""
+        texts = [(i, x) for i, x in items if isinstance(x, str)]
+        for i, text in texts:
+            self.model.check_text_size(text, i)
+        ids: dict[int, list[int]] = {}
+        if texts:
+            # Short inputs tokenize faster than a thread hop costs; long ones leave the loop.
+            words = [t for _, t in texts]
+            encoded = (self.model.tokenize(words) if sum(map(len, words)) <= INLINE_CHARS
+                       else await anyio.to_thread.run_sync(self.model.tokenize, words))
+            ids.update(zip((i for i, _ in texts), encoded, strict=True))
+        for i, x in items:
+            if not isinstance(x, str):
+                ids[i] = self.model.wrap_ids(x)
+            self.model.check_length(ids[i], i)
+        return [ids[i] for i, _ in items]
 
     async def embed(self, inputs: Sequence[Sequence[int]]) -> list[Vector]:
         """Embed token-id lists (already wrapped and length-checked); results in input order.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import resource
 import time
 
@@ -32,7 +33,10 @@ async def health() -> Response:
             "tasks": len(asyncio.all_tasks()),  # leak check: returns to its idle level
             "memory": {"rss_bytes": _rss_bytes(),
                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-            "models": models}
+            "models": models,
+            "embedding_cache": {"enabled": state.embeddings.cache.enabled,
+                                "max_bytes": state.embeddings.cache.max_bytes,
+                                **dataclasses.asdict(state.embeddings.cache.stats)}}
     return json_response(body, 200 if status in ("ready", "degraded") else 503)
 
 

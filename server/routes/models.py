@@ -21,7 +21,7 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
     obj = {"id": entry.id, "object": "model", "created": entry.created, "owned_by": "npugate",
            "task": entry.task, "provider": entry.provider}
     if entry.embedding is not None:
-        obj["qnn_device"] = entry.embedding.model.session.qnn_kind
+        obj["qnn_device"] = entry.embedding.device_info()["qnn_device"]
     return obj
 
 
