@@ -92,6 +92,31 @@ async def test_token_budget_and_length_sorting(fake: FakeModel) -> None:
     assert sorted(len(x) for x in fake.batches[2]) == [9, 10, 11, 12, 13]
 
 
+async def test_a_neighbour_joins_only_when_its_padding_costs_less_than_a_run(
+        fake: FakeModel) -> None:
+    """The rule in batcher.py: a neighbour joins while the padding it brings is at most a
+    run's fixed cost (16 padded tokens); counted in the batcher's stats."""
+    batcher = EmbeddingBatcher(fake, max_batch_size=64, max_batch_tokens=10_000)  # type: ignore[arg-type]
+    # 4 x 10 tokens, then 14 (brings 4 x 4 = 16 of padding: joins), then 30 (brings 5 x 16
+    # = 80: runs apart)
+    lengths = [10, 10, 10, 10, 14, 30]
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        fake.gate.clear()
+        tg.start_soon(batcher.embed, [[1]])
+        await anyio.to_thread.run_sync(fake.started.wait)
+        for i, n in enumerate(lengths):
+            tg.start_soon(batcher.embed, [[i] * n])
+            await anyio.sleep(0.001)
+        fake.gate.set()
+        await anyio.sleep(0.2)
+        tg.cancel_scope.cancel()
+    assert sorted(len(x) for x in fake.batches[1]) == [10, 10, 10, 10, 14]
+    assert [len(x) for x in fake.batches[2]] == [30]
+    assert batcher.stats.padding_refusals_total == 1
+    assert batcher.stats.queue_depth_total == 1 + 6 + 1  # at each of the three cuts
+
+
 async def test_cancelled_request_costs_no_compute(fake: FakeModel) -> None:
     batcher = EmbeddingBatcher(fake)  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
