@@ -19,11 +19,12 @@ from inference.chat.engine import ChatEngine
 from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.cache import EmbeddingCache
 from inference.errors import InferenceError
+from server.catalogue import Catalogue
 from server.errors import APIError, internal_error, to_api_error
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.responses import json_response
-from server.routes import chat, completions, embeddings, health, models, web, ws
+from server.routes import admin, chat, completions, embeddings, health, models, web, ws
 from server.security import (
     APIKeys,
     host_allowed,
@@ -53,9 +54,15 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     if engines is not None or batchers is not None:
         registry = ModelRegistry.from_engines(engines or [], batchers or [])
     else:
-        registry = ModelRegistry.from_folders(list(settings.chat_models),
-                                              list(settings.embedding_models))
+        catalogue = Catalogue([*((p, "chat") for p in settings.chat_models),
+                               *((p, "embedding") for p in settings.embedding_models)],
+                              settings.models_dir)
+        registry = ModelRegistry(catalogue, limits=settings.limits(),
+                                 keep_alive_s=settings.keep_alive_s,
+                                 memory_budget_bytes=settings.memory_budget_mib * 2**20,
+                                 load_timeout_s=settings.load_timeout_s)
     embedding_cache = EmbeddingCache(settings.embedding_cache_mib * 2**20)
+    registry.on_unload.append(embedding_cache.drop_model)
     metrics = Metrics(registry, embedding_cache)
     for batcher in batchers or []:
         batcher.on_batch = batcher.on_batch or metrics.embedding_batch_observer(batcher.model_id)
@@ -70,7 +77,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
         embeddings=EmbeddingService(registry, max_inputs=settings.embedding_max_inputs,
                                     cache=embedding_cache),
         metrics=metrics)
-    for bp in (chat.bp, completions.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp):
+    for bp in (chat.bp, completions.bp, embeddings.bp, models.bp, health.bp, ws.bp, web.bp,
+               admin.bp):
         app.register_blueprint(bp)
     _register_error_handlers(app)
     _register_access_hooks(app, settings)
@@ -78,8 +86,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     @app.while_serving
     async def run_engines() -> AsyncGenerator[None, None]:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(registry.serve_all, tg, settings.limits(),
-                          metrics.embedding_batch_observer, metrics.chat_run_observer)
+            await tg.start(registry.run, metrics.embedding_batch_observer,
+                           metrics.chat_run_observer)
             yield
             tg.cancel_scope.cancel()
 
@@ -97,7 +105,8 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
     access_log = logging.getLogger("npugate.access")
 
     def is_open(path: str) -> bool:
-        return (path in OPEN_PATHS or path.startswith("/static/")
+        """No API key needed (admin paths check their own keys: server/routes/admin.py)."""
+        return (path in OPEN_PATHS or path.startswith(("/static/", "/v1/admin/"))
                 or (not settings.protect_health and path in HEALTH_PATHS))
 
     def check_head_size(url: str, headers: Headers) -> None:
@@ -136,7 +145,9 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
             header = request.headers.get("Authorization")
             if not keys.check_header(header):
                 raise unauthorized(provided=header is not None)
-        if request.method == "POST" and not is_json(request.headers.get("Content-Type")):
+        if request.method == "POST" and not is_json(request.headers.get("Content-Type")) \
+                and (request.content_length or "chunked" in
+                     request.headers.get("Transfer-Encoding", "")):  # an empty body is none
             # Form and text/plain bodies are what a foreign page can send without a preflight.
             raise APIError(415, "the request body must be JSON, sent with 'Content-Type: "
                            "application/json'", code="unsupported_media_type")

@@ -48,6 +48,12 @@ NUMBER_FLAGS = (
      "embedding inputs queued per model (429 above)"),
     ("--embedding-cache", "embedding_cache_mib", "NPUGATE_EMBEDDING_CACHE",
      "MiB of embedding vectors cached by model and input; 0 turns the cache off"),
+    ("--keep-alive", "keep_alive_s", "NPUGATE_KEEP_ALIVE",
+     "seconds an idle model stays loaded; negative: forever (a request's keep_alive wins)"),
+    ("--memory-budget", "memory_budget_mib", "NPUGATE_MEMORY_BUDGET",
+     "MiB the loaded models may hold; least recently used idle ones unload; 0: no budget"),
+    ("--load-timeout", "load_timeout_s", "NPUGATE_LOAD_TIMEOUT",
+     "seconds a request waits for its model to load (503 with Retry-After after)"),
     ("--ws-max-message-bytes", "ws_max_message_bytes", "NPUGATE_WS_MAX_MESSAGE_BYTES",
      "WebSocket message size (error event above)"),
     ("--ws-max-conversations", "ws_max_conversations", "NPUGATE_WS_MAX_CONVERSATIONS",
@@ -116,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
         kind = type(default)
         serve.add_argument(flag, dest=field, type=kind, default=kind(os.environ.get(env, default)),
                            help=f"{text} ({env}, default {default})")
+    serve.add_argument("--admin-key-file", default=os.environ.get("NPUGATE_ADMIN_KEY_FILE"),
+                       help="file of keys (one per line) for /v1/admin/*: loading and "
+                       "unloading models; without one those endpoints answer 403")
     serve.add_argument("--api-key-file", default=os.environ.get("NPUGATE_API_KEY_FILE"),
                        help="file of API keys, one per line (NPUGATE_API_KEY_FILE); keys may "
                        "also come comma-separated in NPUGATE_API_KEYS. Default: no keys")
@@ -213,8 +222,17 @@ def _serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"npugate: cannot read the API key file: {exc}", file=sys.stderr)
             return 2
+    admin = [k.strip() for k in os.environ.get("NPUGATE_ADMIN_KEYS", "").split(",")
+             if k.strip()]
+    if args.admin_key_file:
+        try:
+            admin += read_key_file(args.admin_key_file)
+        except OSError as exc:
+            print(f"npugate: cannot read the admin key file: {exc}", file=sys.stderr)
+            return 2
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
-                        api_keys=tuple(keys), protect_health=args.protect_health,
+                        api_keys=tuple(keys), admin_keys=tuple(admin),
+                        protect_health=args.protect_health,
                         cors_origins=tuple(args.cors_origin),
                         allowed_hosts=tuple(args.allowed_host),
                         prompt_cache=args.prompt_cache,

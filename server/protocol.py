@@ -29,6 +29,42 @@ M = TypeVar("M", bound=BaseModel)
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
+_DURATION = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: float | str | None) -> float | None:
+    """Ollama's `keep_alive`: seconds, or a duration such as "30s", "5m", "1h"; negative
+    keeps the model loaded, 0 unloads it once the request is done. None: the server's."""
+    if value is None or isinstance(value, int | float):
+        return None if value is None else float(value)
+    text = value.strip()
+    for unit in sorted(_DURATION, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            break
+    else:
+        number, unit = text, "s"
+    try:
+        return float(number) * _DURATION[unit]
+    except ValueError:
+        raise ValueError(f"keep_alive {value!r} is neither seconds nor a duration such as "
+                         "'5m'") from None
+
+
+class _KeepAlive(BaseModel):
+    # An extension (Ollama's): how long the model stays loaded after this request.
+    keep_alive: float | str | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, v: float | str | None) -> float | str | None:
+        parse_keep_alive(v)
+        return v
+
+    def keep_alive_seconds(self) -> float | None:
+        return parse_keep_alive(self.keep_alive)
+
+
 class _WireModel(BaseModel):
     # strict: JSON types must be right ("yes" is no boolean, "1" no number), as OpenAI checks
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
@@ -181,7 +217,7 @@ class NamedToolChoice(_WireModel):
     function: NamedFunction
 
 
-class GenerationRequest(_WireModel):
+class GenerationRequest(_WireModel, _KeepAlive):
     """The fields chat and legacy completions share: sampling, stopping, streaming."""
 
     model: str
@@ -339,7 +375,7 @@ TextsOrTokenIds = Annotated[
     Discriminator(_input_kind)]
 
 
-class EmbeddingRequest(_WireModel):
+class EmbeddingRequest(_WireModel, _KeepAlive):
     model: str
     input: TextsOrTokenIds
     encoding_format: Literal["float", "base64"] = "float"

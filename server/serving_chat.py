@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from inference.chat.engine import Constraint
+from inference.chat.engine import ChatEngine, Constraint, GenerationStream
 from inference.chat.grammar import json_schema_grammar
 from inference.chat.sampling import SamplingParams
 from inference.chat.spec import SamplingDefaults
@@ -69,7 +69,12 @@ class ChatService:
     async def start(self, req: ChatCompletionRequest, endpoint: str) -> MeteredStream:
         """Queue a parsed request. Every error is raised here, before any response."""
         req.check_supported()
-        engine = self._registry.chat_engine(req.model)
+        async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
+            assert isinstance(engine, ChatEngine)
+            stream = await self._start(req, engine)
+        return MeteredStream(stream, self._metrics, req.model, endpoint)
+
+    async def _start(self, req: ChatCompletionRequest, engine: ChatEngine) -> GenerationStream:
         params = dataclasses.replace(
             sampling_params(req, engine.sampling_defaults, self._max_tokens_limit),
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
@@ -97,8 +102,7 @@ class ChatService:
                 grammar = Constraint(json_schema_grammar(schema), "response_format")
         messages = tools.prompt_messages(messages, native=engine.supports_tools,
                                          preamble=preamble)
-        stream = await engine.start(messages, params, n=req.n, grammar=grammar, tools=offered)
-        return MeteredStream(stream, self._metrics, req.model, endpoint)
+        return await engine.start(messages, params, n=req.n, grammar=grammar, tools=offered)
 
     def events(self, req: ChatCompletionRequest, stream: MeteredStream, *,
                include_usage: bool, idle_s: float | None = None) -> AsyncGenerator[Event, None]:

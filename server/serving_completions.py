@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from inference.chat.engine import ChatEngine
 from server.generation import CompletionChunks, Event, collect, events
 from server.metrics import MeteredStream, Metrics
 from server.protocol import CompletionRequest, parse_model
@@ -35,8 +36,8 @@ class CompletionService:
         measured, first: validation costs event-loop time per item (0.16 s for 2 MiB of
         one-id prompts), and no model runs more prompts than its decode slots."""
         raw, model = body.get("prompt"), body.get("model")
-        if isinstance(raw, list) and raw and isinstance(model, str):
-            engine = self._registry.chat_engine(model)
+        engine = self._registry.loaded_chat(model) if isinstance(model, str) else None
+        if isinstance(raw, list) and raw and engine is not None:
             prompts = [raw] if isinstance(raw[0], int) else raw
             engine.check_prompt_shape(len(prompts), [len(p) for p in prompts
                                                      if isinstance(p, list)])
@@ -50,9 +51,10 @@ class CompletionService:
             req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS,
                                                            self._max_tokens_limit)})
         prompts = req.prompts()
-        engine = self._registry.chat_engine(req.model)
-        params = sampling_params(req, engine.sampling_defaults, self._max_tokens_limit)
-        stream = await engine.start_completion(prompts, params, n=req.n)
+        async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
+            assert isinstance(engine, ChatEngine)
+            params = sampling_params(req, engine.sampling_defaults, self._max_tokens_limit)
+            stream = await engine.start_completion(prompts, params, n=req.n)
         echo = [p if isinstance(p, str) else engine.detokenize(p)
                 for p in prompts for _ in range(req.n)] if req.echo else []
         return MeteredStream(stream, self._metrics, req.model, "completions"), echo

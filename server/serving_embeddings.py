@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.cache import EmbeddingCache
 from inference.embed.model import Vector
 from server.errors import APIError, bad_request
@@ -38,12 +39,23 @@ class EmbeddingService:
                 raise APIError(413, f"input has {len(lists)} items; at most {self.max_inputs} "
                                "are allowed per request", param="input",
                                code="too_many_inputs")
-            if isinstance(body.get("model"), str):
-                self._registry.embedding_batcher(body["model"]).check_token_lists(lists)
+            model = body.get("model")
+            batcher = self._registry.loaded_embedding(model) if isinstance(model, str) \
+                else None
+            if batcher is not None:  # else the lengths are checked once it is loaded
+                batcher.check_token_lists(lists)
         return parse_model(EmbeddingRequest, body)
 
     async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
-        batcher = self._registry.embedding_batcher(req.model)
+        async with self._registry.use(req.model, "embedding",
+                                      req.keep_alive_seconds()) as batcher:
+            assert isinstance(batcher, EmbeddingBatcher)
+            vectors, tokens = await self._vectors(req, batcher)
+        return _response(req, vectors, tokens)
+
+    async def _vectors(self, req: EmbeddingRequest, batcher: EmbeddingBatcher
+                       ) -> tuple[list[Vector | None], list[int]]:
+        """Each input's vector and token count: from the cache, else from the batcher."""
         items = req.inputs()
         if req.dimensions is not None and req.dimensions != batcher.dimension:
             if not batcher.matryoshka:
@@ -68,14 +80,19 @@ class EmbeddingService:
                 vectors[i], tokens[i] = v, len(x)
                 if keys:
                     self.cache.put(keys[i], v, len(x))
-        used = sum(tokens)
-        return {
-            "object": "list", "model": req.model,
-            "data": [{"object": "embedding", "index": i,
-                      "embedding": _encode(_shorten(v, req.dimensions), req.encoding_format)}
-                     for i, v in enumerate(vectors) if v is not None],
-            "usage": {"prompt_tokens": used, "total_tokens": used},
-        }
+        return vectors, tokens
+
+
+def _response(req: EmbeddingRequest, vectors: list[Vector | None], tokens: list[int]
+              ) -> dict[str, Any]:
+    used = sum(tokens)
+    return {
+        "object": "list", "model": req.model,
+        "data": [{"object": "embedding", "index": i,
+                  "embedding": _encode(_shorten(v, req.dimensions), req.encoding_format)}
+                 for i, v in enumerate(vectors) if v is not None],
+        "usage": {"prompt_tokens": used, "total_tokens": used},
+    }
 
 
 def _shorten(vector: Vector, dimensions: int | None) -> Vector:

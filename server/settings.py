@@ -8,7 +8,24 @@ from pathlib import Path
 from inference.chat.engine import DEFAULT_KV_BUDGET, DEFAULT_PREFILL_CHUNK
 from inference.prepare import default_models_dir
 from inference.providers import DEFAULT_BUCKETS, QnnOptions
-from server.registry import EngineLimits
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Per-model scheduling limits, from Settings: what loading a model builds it with."""
+
+    max_running: int = 8
+    max_waiting: int = 16
+    max_tokens_limit: int = 4096
+    kv_budget_bytes: int = DEFAULT_KV_BUDGET
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prompt_cache: bool = True
+    embedding_device: str = "auto"
+    embedding_max_batch: int = 32
+    embedding_batch_tokens: int = 16384
+    embedding_max_queued: int = 2048
+    qnn: QnnOptions = field(default_factory=QnnOptions)
+    qnn_cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -26,6 +43,13 @@ class Settings:
     embedding_max_queued: int = 2048
     embedding_max_inputs: int = 2048
     embedding_cache_mib: int = 64  # LRU of vectors by model and input; 0 turns it off
+    # Models on demand (README): idle models unload after keep_alive_s (negative: never);
+    # loaded models stay within memory_budget_mib (0: no budget); a request waits at most
+    # load_timeout_s for its model to load (503 with Retry-After after that)
+    keep_alive_s: float = 300.0
+    memory_budget_mib: int = 0
+    load_timeout_s: float = 60.0
+    admin_keys: tuple[str, ...] = ()  # keys for /v1/admin/*; empty: those endpoints are off
     qnn_buckets: tuple[tuple[int, int], ...] = DEFAULT_BUCKETS
     qnn_max_batch: int = 8
     models_dir: Path = field(default_factory=default_models_dir)

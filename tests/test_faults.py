@@ -46,7 +46,11 @@ def test_corrupt_and_missing_models_fail_alone(phi3_dir: Path, minilm_dir: Path,
             assert err.status_code == 503 and "failed to load" in err.message
         else:
             raise AssertionError("a failed model answered")
-        assert [m.id for m in client.models.list()] == ["phi3-tiny-random", "all-minilm-l6-v2"]
+        listed = {m.id: m.model_extra for m in client.models.list()}
+        assert [m for m, extra in listed.items() if extra and extra["loaded"]] == \
+            ["phi3-tiny-random", "all-minilm-l6-v2"]
+        assert listed["corrupt-chat"] == {"task": "chat", "provider": None, "loaded": False,
+                                          "status": "failed"}
     finally:
         server.stop()
 

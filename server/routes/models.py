@@ -1,4 +1,5 @@
-"""`GET /v1/models`, `GET /v1/models/<id>` (the models ready to serve) and `/openapi.json`."""
+"""`GET /v1/models`, `GET /v1/models/<id>` (every model this server can serve, each marked
+loaded or not) and `/openapi.json`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from typing import Any
 
 from quart import Blueprint, Response
 
-from server.errors import model_not_found
 from server.openapi import openapi_document
 from server.registry import ModelEntry
 from server.responses import json_response
@@ -16,10 +16,11 @@ bp = Blueprint("models", __name__)
 OPENAPI = openapi_document()
 
 
-def _model_object(entry: ModelEntry) -> dict[str, Any]:
+def model_object(entry: ModelEntry) -> dict[str, Any]:
     obj: dict[str, Any]
     obj = {"id": entry.id, "object": "model", "created": entry.created, "owned_by": "npugate",
-           "task": entry.task, "provider": entry.provider}
+           "task": entry.task, "provider": entry.provider, "loaded": entry.status == "ready",
+           "status": entry.status}
     if entry.embedding is not None:
         obj["qnn_device"] = entry.embedding.device_info()["qnn_device"]
     return obj
@@ -33,14 +34,12 @@ async def openapi() -> Response:
 
 @bp.get("/v1/models")
 async def list_models() -> Response:
-    entries = app_state().registry.entries.values()
+    registry = app_state().registry
+    registry.refresh()  # models prepared while the server runs
     return json_response({"object": "list",
-                          "data": [_model_object(e) for e in entries if e.status == "ready"]})
+                          "data": [model_object(e) for e in registry.entries.values()]})
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response:
-    entry = app_state().registry.entries.get(model_id)
-    if entry is None or entry.status != "ready":
-        raise model_not_found(model_id)
-    return json_response(_model_object(entry))
+    return json_response(model_object(app_state().registry.entry(model_id)))

@@ -1,0 +1,50 @@
+"""Admin endpoints, behind their own keys (`--admin-key-file`, NPUGATE_ADMIN_KEYS):
+  POST /v1/admin/models/<id>/load     load a model now (waits up to --load-timeout)
+  POST /v1/admin/models/<id>/unload   unload it once its in-flight requests finish
+Both answer the model object of /v1/models. Without admin keys configured they answer 403.
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, request
+
+from server.errors import APIError
+from server.responses import json_response
+from server.routes.models import model_object
+from server.security import APIKeys, unauthorized
+from server.state import app_state
+
+bp = Blueprint("admin", __name__)
+
+
+def _check_admin() -> None:
+    keys = APIKeys(app_state().settings.admin_keys)
+    if not keys.enabled:
+        raise APIError(403, "admin endpoints are off; start the server with --admin-key-file "
+                       "or NPUGATE_ADMIN_KEYS", type="permission_error", code="admin_disabled")
+    header = request.headers.get("Authorization")
+    if not keys.check_header(header):
+        raise unauthorized(provided=header is not None)
+
+
+@bp.post("/v1/admin/models/<path:model_id>/load")
+async def load(model_id: str) -> Response:
+    _check_admin()
+    registry = app_state().registry
+    entry = registry.entry(model_id)
+    if entry.status == "failed":  # an explicit load tries again
+        entry.set_status("unloaded")
+    await registry.ensure_loaded(entry)
+    return json_response(model_object(entry))
+
+
+@bp.post("/v1/admin/models/<path:model_id>/unload")
+async def unload(model_id: str) -> Response:
+    _check_admin()
+    registry = app_state().registry
+    entry = registry.entry(model_id)
+    if entry.source is None:
+        raise APIError(400, f"model {model_id} was handed to the server already loaded and "
+                       "cannot be unloaded", param="model", code="model_pinned")
+    await registry.unload(entry)
+    return json_response(model_object(entry))
