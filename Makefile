@@ -32,6 +32,7 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
+	$(BIN)/python benchmarks/guardrail.py
 
 bench: prepare
 	$(BIN)/python benchmarks/chat_precision.py
