@@ -65,12 +65,20 @@ def openapi_document() -> dict[str, Any]:
                              "text/event-stream": {"schema": {"type": "string"}}}}),
             "/v1/embeddings": _post("Embeddings", "EmbeddingRequest",
                                     _json("A list of embedding objects")),
-            "/v1/models": _get("Models ready to serve", _json("A list of models"), 401),
+            "/v1/models": _get("Every model this server can serve, loaded or not",
+                               _json("A list of models"), 401),
             "/v1/models/{model_id}": {"get": {
                 "summary": "One model",
                 "parameters": [{"name": "model_id", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
                 "responses": {"200": _json("A model"), **_errors(401, 404)}}},
+            **{f"/v1/admin/models/{{model_id}}/{verb}": {"post": {
+                "summary": f"{verb.capitalize()} a model (admin key: see the README)",
+                "parameters": [{"name": "model_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": _json("The model, as /v1/models lists it"),
+                              **_errors(400, 401, 403, 404, 503)}}}
+               for verb in ("load", "unload")},
             "/health": _get("Status, models, uptime, memory", _json("Health"), 503),
             "/health/live": _get("Liveness probe", _json("Alive")),
             "/health/ready": _get("Readiness probe", _json("Ready"), 503),

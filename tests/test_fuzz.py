@@ -149,3 +149,11 @@ def test_explicit_nulls_and_numeric_edges(live: tuple[httpx.Client, dict[str, An
 def test_model_lookup(live: tuple[httpx.Client, dict[str, Any]], model_id: str) -> None:
     client, _ = live
     _check(client.get("/v1/models/" + quote(model_id, safe="")))
+
+
+@EXAMPLES
+@given(model_id=st.text(min_size=1, max_size=40), verb=st.sampled_from(["load", "unload"]))
+def test_admin_lookup(live: tuple[httpx.Client, dict[str, Any]], model_id: str,
+                      verb: str) -> None:
+    client, _ = live
+    _check(client.post(f"/v1/admin/models/{quote(model_id, safe='')}/{verb}"))
