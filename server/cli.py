@@ -196,6 +196,12 @@ def _prepare(models_dir: Path, names: list[str]) -> int:
     return 0
 
 
+def _keys(env: str, path: str | None) -> list[str]:
+    """Keys from a comma-separated environment variable and a key file (one per line)."""
+    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+    return keys + (read_key_file(path) if path else [])
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -215,21 +221,12 @@ def _serve(args: argparse.Namespace) -> int:
     if missing:
         print(f"npugate: model folder {missing[0]} does not exist", file=sys.stderr)
         return 2
-    keys = [k.strip() for k in os.environ.get("NPUGATE_API_KEYS", "").split(",") if k.strip()]
-    if args.api_key_file:
-        try:
-            keys += read_key_file(args.api_key_file)
-        except OSError as exc:
-            print(f"npugate: cannot read the API key file: {exc}", file=sys.stderr)
-            return 2
-    admin = [k.strip() for k in os.environ.get("NPUGATE_ADMIN_KEYS", "").split(",")
-             if k.strip()]
-    if args.admin_key_file:
-        try:
-            admin += read_key_file(args.admin_key_file)
-        except OSError as exc:
-            print(f"npugate: cannot read the admin key file: {exc}", file=sys.stderr)
-            return 2
+    try:
+        keys = _keys("NPUGATE_API_KEYS", args.api_key_file)
+        admin = _keys("NPUGATE_ADMIN_KEYS", args.admin_key_file)
+    except OSError as exc:
+        print(f"npugate: cannot read a key file: {exc}", file=sys.stderr)
+        return 2
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=tuple(keys), admin_keys=tuple(admin),
                         protect_health=args.protect_health,

@@ -71,9 +71,10 @@ async def test_results_return_in_order_and_requests_share_runs(fake: FakeModel) 
     assert all(len(b) <= 8 for b in fake.batches)
 
 
-async def test_token_budget_and_length_sorting(fake: FakeModel) -> None:
-    batcher = EmbeddingBatcher(fake, max_batch_size=64, max_batch_tokens=600)  # type: ignore[arg-type]
-    lengths = [500, 10, 12, 11, 9, 300, 13]
+async def _queued_behind_a_run(fake: FakeModel, batcher: EmbeddingBatcher,
+                               lengths: list[int]) -> None:
+    """One input runs (held at the gate) while inputs of `lengths` queue, in that order;
+    then everything runs."""
     async with anyio.create_task_group() as tg:
         await tg.start(batcher.run)
         fake.gate.clear()
@@ -85,6 +86,11 @@ async def test_token_budget_and_length_sorting(fake: FakeModel) -> None:
         fake.gate.set()
         await anyio.sleep(0.2)
         tg.cancel_scope.cancel()
+
+
+async def test_token_budget_and_length_sorting(fake: FakeModel) -> None:
+    batcher = EmbeddingBatcher(fake, max_batch_size=64, max_batch_tokens=600)  # type: ignore[arg-type]
+    await _queued_behind_a_run(fake, batcher, [500, 10, 12, 11, 9, 300, 13])
     for batch in fake.batches:
         assert max(len(x) for x in batch) * len(batch) <= 600
     # the oldest (500 tokens) runs first, alone; the short ones run together
@@ -99,18 +105,7 @@ async def test_a_neighbour_joins_only_when_its_padding_costs_less_than_a_run(
     batcher = EmbeddingBatcher(fake, max_batch_size=64, max_batch_tokens=10_000)  # type: ignore[arg-type]
     # 4 x 10 tokens, then 14 (brings 4 x 4 = 16 of padding: joins), then 30 (brings 5 x 16
     # = 80: runs apart)
-    lengths = [10, 10, 10, 10, 14, 30]
-    async with anyio.create_task_group() as tg:
-        await tg.start(batcher.run)
-        fake.gate.clear()
-        tg.start_soon(batcher.embed, [[1]])
-        await anyio.to_thread.run_sync(fake.started.wait)
-        for i, n in enumerate(lengths):
-            tg.start_soon(batcher.embed, [[i] * n])
-            await anyio.sleep(0.001)
-        fake.gate.set()
-        await anyio.sleep(0.2)
-        tg.cancel_scope.cancel()
+    await _queued_behind_a_run(fake, batcher, [10, 10, 10, 10, 14, 30])
     assert sorted(len(x) for x in fake.batches[1]) == [10, 10, 10, 10, 14]
     assert [len(x) for x in fake.batches[2]] == [30]
     assert batcher.stats.padding_refusals_total == 1
