@@ -15,7 +15,11 @@ starts with the same tokens copies that prefix into its own row and prefills onl
 - A hit copies the prefix and leaves the entry in place, so concurrent requests that share a
   prefix (one system prompt across users, a retried request) all hit it; a copy costs about
   1% of prefilling the same tokens. The entry of the conversation's previous turn is usually
-  in the row the new turn is given: then it is taken over in place, with no copy.
+  in the row the new turn is given: a long one (over `TAKE_OVER_TOKENS`, a conversation's
+  history, rarely shared) is then taken over in place, with no copy; a short one (a system
+  prompt, often shared) is moved to a spare row and stays an entry, so that requests sharing
+  it that arrive a round later still hit (taking it over let the first of three concurrent
+  requests consume it: the others missed).
 - Entries live only in rows no running sequence needs: running sequences take rows first and
   an entry in the way moves, or is evicted, least recently used first.
 Everything here runs on the engine's device thread.
@@ -27,6 +31,8 @@ from dataclasses import dataclass, field
 
 from inference.chat.kv_pool import KVPool
 from inference.chat.sequence import Choice
+
+TAKE_OVER_TOKENS = 512  # longer entries are taken over in place by the turn that extends them
 
 
 @dataclass
@@ -160,7 +166,8 @@ class PromptCache:
                 best, usable = self.lookup(choice.prompt)
                 shared = any(self.lookup(other.prompt)[0] is entry for other in fresh
                              if other is not choice and not other.looked_up)
-                if best is entry and not shared:  # taken over in place, no copy
+                if best is entry and not shared and len(entry.tokens) > TAKE_OVER_TOKENS:
+                    # taken over in place, no copy
                     self.remove(entry, evicted=False)
                     self._reuse(pool, choice, None, usable)
                     continue
