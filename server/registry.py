@@ -295,7 +295,8 @@ class ModelRegistry:
                 if entry.status == "failed":
                     raise APIError(503, f"model {entry.id} failed to load: {entry.error}",
                                    type="service_unavailable", code="model_failed")
-                if entry.status == "unloaded" and self.started and entry.source is not None:
+                if entry.status == "unloaded" and self._tg is not None \
+                        and entry.source is not None:
                     self._spawn(self._load, entry)
                     entry.set_status("loading")
                 await entry.changed.wait()
@@ -309,13 +310,14 @@ class ModelRegistry:
         """The engine of `model`, loaded if need be; the model stays loaded while the block
         runs (hand the engine its work inside it)."""
         entry = self.entry(model, task)
+        await self.ensure_loaded(entry)
+        # counted from here, not while waiting for the load: an unload in progress waits for
+        # the requests it counts, and a request waiting for that unload must not be one
         entry.active += 1
         try:
-            await self.ensure_loaded(entry)
             engine = entry.engine
             assert engine is not None
-            if keep_alive_s is not None:
-                entry.keep_alive_s = keep_alive_s
+            entry.keep_alive_s = keep_alive_s  # as Ollama: each request's own, else default
             yield engine
         finally:
             entry.active -= 1

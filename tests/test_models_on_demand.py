@@ -133,6 +133,7 @@ def test_unloading_waits_for_in_flight_requests(server: LiveServer, phi3_dir: Pa
     _place(phi3_dir, served_dir, "phi3-busy")
     pieces, finish = [], None
     unloaded: dict[str, Any] = {}
+    later: list[httpx.Response] = []
 
     def unload() -> None:
         resp = httpx.post(server.base_url + "/v1/admin/models/phi3-busy/unload", timeout=60,
@@ -155,13 +156,19 @@ def test_unloading_waits_for_in_flight_requests(server: LiveServer, phi3_dir: Pa
                 thread = threading.Thread(target=unload)
                 thread.start()
                 time.sleep(0.2)
+                # and a request arriving during the unload waits for it, then loads again
+                late = threading.Thread(target=lambda: later.append(_chat(server,
+                                                                          "phi3-busy")))
+                late.start()
         ended = time.monotonic()
     assert thread is not None
     thread.join(30)
     assert finish == "length"  # the stream ran to its end
     assert unloaded["status"] == 200 and unloaded["body"]["status"] == "unloaded"
     assert unloaded["at"] >= ended - 0.5  # and the unload finished after it
-    assert _chat(server, "phi3-busy").status_code == 200  # and it loads again on demand
+    late.join(60)
+    assert later and later[0].status_code == 200, later  # it loaded again on demand
+    assert _chat(server, "phi3-busy").status_code == 200
 
 
 def test_admin_endpoints_need_the_admin_key(server: LiveServer) -> None:
