@@ -149,3 +149,29 @@ def test_node_sdk(live_server: LiveServer, node_openai: Path) -> None:
     assert result["first"] == pytest.approx(float(_direct_embedding(live_server,
                                                                     "a lighthouse")[0]))
     assert result["error"] == {"status": 400, "param": "max_tokens", "isBadRequest": True}
+
+
+def test_langchain_structured_output_and_tools(live_server: LiveServer) -> None:
+    """`with_structured_output` (json_schema) and `bind_tools` with a forced tool, as agent
+    code written for OpenAI uses them."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        country: str = Field(max_length=30)
+        capital: str = Field(max_length=30)
+
+    chat = ChatOpenAI(model=SMOL, base_url=live_server.base_url + "/v1", api_key="unused",
+                      temperature=0, max_completion_tokens=120)
+    parsed = chat.with_structured_output(Capital, method="json_schema").invoke(FRANCE)
+    assert isinstance(parsed, Capital) and parsed.capital
+
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return f"sunny in {city}"
+
+    message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke(
+        "What is the weather in Paris?")
+    calls = message.tool_calls  # type: ignore[attr-defined]
+    assert calls and calls[0]["name"] == "get_weather"
+    assert isinstance(calls[0]["args"].get("city"), str) and calls[0]["id"]
