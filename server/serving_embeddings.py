@@ -75,11 +75,20 @@ class EmbeddingService:
         inputs: list[str | Sequence[int]] = list(items)
         misses = [(i, x) for i, x in enumerate(inputs) if vectors[i] is None]
         if misses:
-            ids = await batcher.tokenize(misses)
-            for (i, _), x, v in zip(misses, ids, await batcher.embed(ids), strict=True):
-                vectors[i], tokens[i] = v, len(x)
+            # an input repeated within the request is computed once
+            slots: dict[str | tuple[int, ...], int] = {}
+            todo: list[tuple[int, str | Sequence[int]]] = []
+            for i, x in misses:
+                if slots.setdefault(x if isinstance(x, str) else tuple(x), len(todo)) \
+                        == len(todo):
+                    todo.append((i, x))
+            ids = await batcher.tokenize(todo)
+            computed = await batcher.embed(ids)
+            for i, x in misses:
+                slot = slots[x if isinstance(x, str) else tuple(x)]
+                vectors[i], tokens[i] = computed[slot], len(ids[slot])
                 if keys:
-                    self.cache.put(keys[i], v, len(x))
+                    self.cache.put(keys[i], computed[slot], len(ids[slot]))
         return vectors, tokens
 
 

@@ -84,6 +84,8 @@ async def test_answers_are_identical_with_and_without_the_cache(
         assert await _post(cached, body) == {**await _post(plain, body)}
     cache = cached.extensions["npugate"].embeddings.cache
     assert (cache.stats.hits, cache.stats.misses) == (3, 6)  # a repeat within a request misses
+    batcher = cached.extensions["npugate"].registry.entries[MODEL].embedding
+    assert batcher.stats.inputs_total == 5  # ... but is computed once
     health = await (await cached.test_client().get("/health")).get_json()
     assert health["embedding_cache"]["hits"] == cache.stats.hits
     assert health["embedding_cache"]["bytes"] == cache.stats.bytes > 0
