@@ -206,8 +206,7 @@ class ModelRegistry:
         entry.set_status("loading")
         source = entry.source
         try:
-            entry.expected_bytes = await anyio.to_thread.run_sync(expected_bytes, source,
-                                                                  self.limits)
+            entry.expected_bytes = await anyio.to_thread.run_sync(expected_bytes, source)
             await self._make_room(entry)
             on_batch = self._batch_observer(entry.id) if self._batch_observer else None
             on_run = self._run_observer(entry.id) if self._run_observer else None
@@ -250,7 +249,10 @@ class ModelRegistry:
 
     async def unload(self, entry: ModelEntry) -> None:
         """Stop taking requests for `entry`, let its in-flight ones finish, free it."""
-        if entry.status != "ready" or entry.source is None:
+        if entry.source is None:
+            raise APIError(400, f"model {entry.id} was handed to the server already loaded "
+                           "and cannot be unloaded", param="model", code="model_pinned")
+        if entry.status != "ready":
             return
         with anyio.CancelScope(shield=True):  # a caller that leaves must not strand it
             entry.set_status("unloading")
@@ -267,17 +269,18 @@ class ModelRegistry:
 
     # --- lookups ---------------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Add catalogue models not seen yet (prepared while the server runs)."""
-        for source in self.catalogue.all():
+    async def refresh(self) -> None:
+        """Add catalogue models not seen yet (prepared while the server runs). The models
+        directory is read in a worker thread."""
+        for source in await anyio.to_thread.run_sync(self.catalogue.all):
             if source.id not in self.entries:
                 self.entries[source.id] = ModelEntry(source.id, source.task, source)
 
-    def entry(self, model: str, task: Task | None = None) -> ModelEntry:
+    async def entry(self, model: str, task: Task | None = None) -> ModelEntry:
         """The entry for `model`; 404 if unknown, 400 if it serves another task."""
         entry = self.entries.get(model)
         if entry is None:
-            self.refresh()
+            await self.refresh()
             entry = self.entries.get(model)
         if entry is None:
             raise model_not_found(model)
@@ -304,12 +307,18 @@ class ModelRegistry:
         raise APIError(503, f"model {entry.id} is still loading", type="service_unavailable",
                        code="model_loading", retry_after_s=5)
 
+    async def load(self, entry: ModelEntry) -> None:
+        """An explicit load (admin): like a request's, and it retries a model that failed."""
+        if entry.status == "failed":
+            entry.set_status("unloaded")
+        await self.ensure_loaded(entry)
+
     @asynccontextmanager
     async def use(self, model: str, task: Task, keep_alive_s: float | None = None
                   ) -> AsyncIterator[Engine]:
         """The engine of `model`, loaded if need be; the model stays loaded while the block
         runs (hand the engine its work inside it)."""
-        entry = self.entry(model, task)
+        entry = await self.entry(model, task)
         await self.ensure_loaded(entry)
         # counted from here, not while waiting for the load: an unload in progress waits for
         # the requests it counts, and a request waiting for that unload must not be one

@@ -194,14 +194,14 @@ def test_a_model_that_fails_to_load_leaves_the_others_serving(server: LiveServer
 
 def test_memory_budget_and_load_timeout(served_dir: Path,
                                         tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A budget that holds phi3 (2 x 9.4 MiB of weights expected) or bert-tiny (2 x 3.8 MiB)
-    but not both:
+    """A budget that holds phi3 (expected 1.5 x 9.4 + 32 = 46 MiB) or bert-tiny (1.5 x 3.8 +
+    32 = 38 MiB) but not both:
     each load unloads the other, idle. A load slower than --load-timeout answers 503 with
     Retry-After while it goes on."""
     live = LiveServer(chat=[served_dir / CHAT], embedding=[],
                       log=tmp_path_factory.mktemp("budget") / "server.log",
                       extra=["--models-dir", str(served_dir), "--keep-alive", "-1",
-                             "--memory-budget", "22", "--load-timeout", "0.001"])
+                             "--memory-budget", "60", "--load-timeout", "0.001"])
     try:
         slow = _embed(live, EMB)
         assert slow.status_code == 503 and slow.headers["Retry-After"]
@@ -226,3 +226,17 @@ async def test_admin_endpoints_are_off_without_admin_keys(phi3_dir: Path) -> Non
         resp = await app.test_client().post(f"/v1/admin/models/{CHAT}/unload")
         assert resp.status_code == 403
         assert (await resp.get_json())["error"]["code"] == "admin_disabled"
+
+
+@pytest.mark.anyio
+async def test_an_engine_handed_over_loaded_cannot_be_unloaded(phi3: Any) -> None:
+    from inference.chat.engine import ChatEngine
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(admin_keys=(ADMIN,)), engines=[ChatEngine(phi3, max_running=2)])
+    async with app.test_app():
+        resp = await app.test_client().post(f"/v1/admin/models/{CHAT}/unload",
+                                            headers={"Authorization": f"Bearer {ADMIN}"})
+        assert resp.status_code == 400
+        assert (await resp.get_json())["error"]["code"] == "model_pinned"

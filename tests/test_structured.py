@@ -288,9 +288,18 @@ def test_logprobs_arrive_in_the_sdks_types(client: openai.OpenAI) -> None:
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
 
 
-def test_logprobs_follow_the_grammar_mask(client: openai.OpenAI) -> None:
+def test_logprobs_follow_the_grammar_mask(client: openai.OpenAI,
+                                          live_server: LiveServer) -> None:
     """Under a grammar, the distribution reported is the masked one: where the grammar
-    allows one token, it has probability 1."""
+    allows one token, it has probability 1. Mask fills are timed in /metrics."""
+
+    def masks_timed() -> float:
+        text = httpx.get(live_server.base_url + "/metrics", timeout=10).text
+        line = next((x for x in text.splitlines() if x.startswith(
+            f'npugate_grammar_mask_seconds_count{{model="{SMOL}"}}')), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = masks_timed()
     resp = client.chat.completions.create(
         model=SMOL, messages=ASK, logprobs=True, top_logprobs=3, temperature=0,
         max_tokens=100, response_format={"type": "json_schema", "json_schema": {
@@ -301,6 +310,10 @@ def test_logprobs_follow_the_grammar_mask(client: openai.OpenAI) -> None:
     assert content
     assert content[0].logprob == pytest.approx(0.0)  # `{"` is the only way to start
     assert json.loads(resp.choices[0].message.content or "")["sky"] in ("sunny", "cloudy")
+    # every token after the first (whose mask is computed with the matcher) was masked on
+    # the device thread and timed
+    assert resp.usage is not None
+    assert masks_timed() - before == resp.usage.completion_tokens - 1
 
 
 def test_phi3_eos_and_special_tokens_under_a_grammar(live_server: LiveServer) -> None:

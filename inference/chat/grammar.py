@@ -4,17 +4,16 @@ grammar are masked out before sampling.
 `Guide` is built once per model: llguidance's tokenizer (from the model's tokenizer.json,
 with the logits width as its vocabulary and the model's own eos ids, which llguidance would
 not find by itself for `<|end|>` or `<|im_end|>`), an executor that fills many rows' masks
-in parallel, and the token bytes the log-probabilities report. `Guide.prepare` compiles a
-grammar (a worker thread's job: a hostile one may take long) into a `GrammarPlan`, which
-makes one `Matcher` per sequence. Every mask after the first is filled on the device thread,
-for all constrained rows of a step at once (`Guide.fill`).
+in parallel, and the token bytes the log-probabilities report. `Guide.matchers` compiles a
+grammar (a worker thread's job: a hostile one may take long) and starts one `Matcher` per
+sequence, with its first mask. Every later mask is filled on the device thread, for all
+constrained rows of a step at once (`Guide.fill`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import llguidance
@@ -50,11 +49,6 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
         json.dumps(schema, separators=(",", ":")), overrides=JSON_OPTIONS))
 
 
-def lark_grammar(source: str) -> str:
-    """llguidance grammar text for a Lark grammar (llguidance's dialect)."""
-    return str(llguidance.LLMatcher.grammar_from_lark(source))
-
-
 class Matcher:
     """One sequence's place in its grammar. Its first mask is computed when it is made (in a
     worker thread), so the device thread never pays a grammar's start-up cost."""
@@ -76,23 +70,6 @@ class Matcher:
         return str(self.matcher.get_error()) if self.matcher.is_error() else ""
 
 
-@dataclass(frozen=True)
-class GrammarPlan:
-    """A compiled grammar: makes matchers for the sequences that follow it."""
-
-    guide: Guide
-    grammar: str
-
-    def matcher(self) -> Matcher:
-        """A fresh matcher with its first mask (blocking: call it off the event loop)."""
-        m = llguidance.LLMatcher(self.guide.tokenizer, self.grammar,
-                                 limits=limits(), log_level=0)
-        first = self.guide.fill([m])[0]
-        if m.is_error():
-            raise InvalidInput(f"the grammar cannot start: {m.get_error()}")
-        return Matcher(m, first)
-
-
 class Guide:
     """llguidance for one model: its tokenizer, built on first use (about 0.2 s for a 49k
     vocabulary), and a mask executor."""
@@ -103,7 +80,7 @@ class Guide:
         self._eos = sorted(eos_ids)
         self._lock = threading.Lock()
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._executor: llguidance.LLExecutor | None = None
+        self._executor = llguidance.LLExecutor(num_threads=2)
         self._bytes: dict[int, bytes] = {}
 
     @property
@@ -111,7 +88,6 @@ class Guide:
         if self._tokenizer is None:
             with self._lock:
                 if self._tokenizer is None:
-                    self._executor = llguidance.LLExecutor(num_threads=2)
                     self._tokenizer = llguidance.LLTokenizer(
                         self._hf.to_str(), n_vocab=self.vocab_size,
                         eos_token=self._eos or None)
@@ -125,10 +101,15 @@ class Guide:
             grammar, self.tokenizer, limits=limits())
         if error:
             raise InvalidInput(f"{param} cannot be used: {error}", param=param)
-        try:
-            return [GrammarPlan(self, grammar).matcher() for _ in range(count)]
-        except InvalidInput as exc:
-            raise InvalidInput(f"{param} cannot be used: {exc}", param=param) from exc
+        matchers = []
+        for _ in range(count):
+            m = llguidance.LLMatcher(self.tokenizer, grammar, limits=limits(), log_level=0)
+            first = self.fill([m])[0]  # here, not on the device thread
+            if m.is_error():
+                raise InvalidInput(f"{param} cannot be used: the grammar cannot start: "
+                                   f"{m.get_error()}", param=param)
+            matchers.append(Matcher(m, first))
+        return matchers
 
     def fill(self, matchers: list[llguidance.LLMatcher]) -> npt.NDArray[np.bool_]:
         """The allowed tokens of each matcher's next step, one row each (filled in
@@ -137,8 +118,6 @@ class Guide:
         if len(matchers) == 1:
             llnp.fill_next_token_bitmask(matchers[0], bits, 0)
         else:
-            self.tokenizer  # noqa: B018 (builds the executor)
-            assert self._executor is not None
             llnp.fill_next_token_bitmask_par(self._executor,
                                              [(m, i) for i, m in enumerate(matchers)], bits)
         allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little",

@@ -7,6 +7,7 @@ when each choice runs; this module only turns a logits row into the choice's nex
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,7 @@ from inference.chat.sampling import Sampler, SamplingParams, TokenLogprob
 from inference.chat.stops import StopMatcher
 from inference.errors import InferenceError
 
+log = logging.getLogger(__name__)
 State = Literal["prefill", "follow", "decode", "done"]
 
 
@@ -146,6 +148,8 @@ class Choice:
             if self._stops.stopped:
                 finish = "stop"
             elif self.matcher is not None and self.matcher.done:
+                if self.matcher.error:  # masks allow only valid tokens: never expected
+                    log.warning("grammar ended in error: %s", self.matcher.error)
                 text += self._drain()
                 finish = "stop"
             elif (self.completion_tokens >= gen.max_tokens

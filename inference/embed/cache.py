@@ -14,10 +14,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
+from inference.embed.model import Vector
 
-Vector = npt.NDArray[np.float32]
 ENTRY_OVERHEAD = 200  # bytes of dict, tuple and array headers per entry, roughly
 Key = tuple[str, str | tuple[int, ...]]
 

@@ -31,10 +31,8 @@ def _check_admin() -> None:
 async def load(model_id: str) -> Response:
     _check_admin()
     registry = app_state().registry
-    entry = registry.entry(model_id)
-    if entry.status == "failed":  # an explicit load tries again
-        entry.set_status("unloaded")
-    await registry.ensure_loaded(entry)
+    entry = await registry.entry(model_id)
+    await registry.load(entry)
     return json_response(model_object(entry))
 
 
@@ -42,9 +40,6 @@ async def load(model_id: str) -> Response:
 async def unload(model_id: str) -> Response:
     _check_admin()
     registry = app_state().registry
-    entry = registry.entry(model_id)
-    if entry.source is None:
-        raise APIError(400, f"model {model_id} was handed to the server already loaded and "
-                       "cannot be unloaded", param="model", code="model_pinned")
+    entry = await registry.entry(model_id)
     await registry.unload(entry)
     return json_response(model_object(entry))

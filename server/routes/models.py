@@ -35,11 +35,11 @@ async def openapi() -> Response:
 @bp.get("/v1/models")
 async def list_models() -> Response:
     registry = app_state().registry
-    registry.refresh()  # models prepared while the server runs
+    await registry.refresh()  # models prepared while the server runs
     return json_response({"object": "list",
                           "data": [model_object(e) for e in registry.entries.values()]})
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response:
-    return json_response(model_object(app_state().registry.entry(model_id)))
+    return json_response(model_object(await app_state().registry.entry(model_id)))
