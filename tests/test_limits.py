@@ -78,9 +78,9 @@ async def test_full_queue_is_429_with_retry_after(app: Quart,
     gate = threading.Event()
     decode = engine.model.decode
 
-    def held(*args: Any) -> Any:
+    def held(*args: Any, **kwargs: Any) -> Any:
         gate.wait(10)
-        return decode(*args)
+        return decode(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "decode", held)
 

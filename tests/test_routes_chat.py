@@ -138,11 +138,11 @@ async def test_error_after_stream_started_is_an_event(app: Quart,
     calls = {"n": 0}
     real = engine.model.decode
 
-    def flaky(*args: Any) -> Any:
+    def flaky(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] > 2:
             raise RuntimeError("device lost")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "decode", flaky)
     resp = await app.test_client().post("/v1/chat/completions", json={

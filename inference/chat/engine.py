@@ -338,7 +338,6 @@ class ChatEngine:
                 self._prefill_slice()
                 if any(c.state == "decode" for c in self._rows):
                     self._decode()
-                    self._flush()
         finally:
             self._flush()
 
@@ -373,7 +372,6 @@ class ChatEngine:
             if reading is None:
                 return
             self._prefill(reading)
-            self._flush()  # a first token goes out before the decode step
             if time.perf_counter() - started >= PREFILL_SLICE_S:
                 return
 
@@ -382,7 +380,7 @@ class ChatEngine:
         ids = choice.next_chunk(self._prefill_chunk)
         try:
             started = time.perf_counter()
-            logits = self.model.prefill(self.pool, choice.row, ids)
+            logits = self.model.prefill(self.pool, choice.row, ids, before_run=self._flush)
             self._observe("prefill", 1, len(ids), started)
         except Exception as exc:
             log.exception("prefill failed on %s", self.model_id)
@@ -403,7 +401,7 @@ class ChatEngine:
         tokens = [c.last if c.state == "decode" else None for c in rows[:width]]
         try:
             started = time.perf_counter()
-            logits = self.model.decode(self.pool, tokens)
+            logits = self.model.decode(self.pool, tokens, before_run=self._flush)
             stepped = sum(t is not None for t in tokens)
             self._observe("decode", stepped, stepped, started)
         except Exception as exc:

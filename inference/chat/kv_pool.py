@@ -60,8 +60,9 @@ class KVPool:
         self.reserved: list[int] = []  # per row in use: tokens reserved
         self.used: list[int] = []  # per row in use: tokens written
         self.reshapes = 0
-        # Runtime handles on row ranges of the buffer, built by the model and dropped with it
-        self.views: dict[tuple[int, int], list[Any]] = {}
+        # Runtime handles on row ranges of the buffer (views, bindings), built by the model
+        # and dropped with the buffer
+        self.views: dict[tuple[Any, ...], Any] = {}
 
     @property
     def rows(self) -> int:
