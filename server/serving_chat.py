@@ -14,7 +14,7 @@ from typing import Any
 
 from inference.chat.engine import ChatEngine, Constraint, GenerationStream
 from inference.chat.grammar import json_schema_grammar
-from inference.chat.sampling import SamplingParams
+from inference.chat.sampling import MIN_TEMPERATURE, SamplingParams
 from inference.chat.spec import SamplingDefaults
 from server import tools
 from server.errors import APIError
@@ -31,8 +31,13 @@ def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_toke
     if limit is not None and limit > max_tokens_limit:
         raise APIError(400, f"max_tokens {limit} exceeds this server's limit of "
                        f"{max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+    temperature = defaults.temperature if req.temperature is None else req.temperature
+    if req.n > 1 and req.temperature is None and temperature < MIN_TEMPERATURE:
+        # n greedy choices would be n copies of one answer: a request for alternatives that
+        # leaves the temperature unset gets OpenAI's default, 1, over a greedy folder default
+        temperature = 1.0
     return SamplingParams(
-        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        temperature=temperature,
         top_p=defaults.top_p if req.top_p is None else req.top_p,
         top_k=defaults.top_k if req.top_k is None else req.top_k, seed=req.seed,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

@@ -207,6 +207,23 @@ def test_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
     assert sorted(finish) == [0, 1, 2]
 
 
+def test_n_choices_without_temperature_are_alternatives(client: openai.OpenAI) -> None:
+    # SmolLM2's folder decodes greedily by default; n choices then sample at OpenAI's default
+    # temperature rather than repeat one greedy answer, and one choice stays greedy
+    greedy = client.chat.completions.create(model=SMOL, messages=FRANCE, max_tokens=16,
+                                            temperature=0)  # type: ignore[arg-type]
+    alone = client.chat.completions.create(model=SMOL, messages=FRANCE,
+                                           max_tokens=16)  # type: ignore[arg-type]
+    assert alone.choices[0].message.content == greedy.choices[0].message.content
+    several = client.chat.completions.create(model=SMOL, messages=FRANCE, n=4, seed=3,
+                                             max_tokens=16)  # type: ignore[arg-type]
+    texts = [c.message.content for c in several.choices]
+    assert len(set(texts)) > 1, texts
+    copies = client.chat.completions.create(model=SMOL, messages=FRANCE, n=2, temperature=0,
+                                            max_tokens=16)  # type: ignore[arg-type]
+    assert len({c.message.content for c in copies.choices}) == 1  # asked for greedy: kept
+
+
 def test_legacy_completions(client: openai.OpenAI) -> None:
     whole = client.completions.create(model=SMOL, prompt="The capital of France is",
                                       max_tokens=8, temperature=0)
