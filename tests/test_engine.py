@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -15,7 +16,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-async def _engine(model: ChatModel, **kw: int) -> AsyncIterator[ChatEngine]:
+async def _engine(model: ChatModel, **kw: Any) -> AsyncIterator[ChatEngine]:
     engine = ChatEngine(model, **kw)
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)
@@ -90,6 +91,19 @@ async def test_concurrent_streams_interleave(smol_engine: ChatEngine) -> None:
     # every stream made progress before any of them finished
     first_finish = min(max(i for i, n in enumerate(order) if n == name) for name in "abc")
     assert set(order[: first_finish + 1]) == set("abc")
+
+
+async def test_deltas_reach_the_consumer_while_the_round_runs(smollm2: ChatModel) -> None:
+    # A round that never ends on its own: the deltas must still go out step by step (the
+    # event loop is woken as each model run starts), not all at once when the round ends.
+    async for engine in _engine(smollm2, round_s=3600):
+        runs_seen: list[int] = []
+        params = SamplingParams(temperature=0, max_tokens=40)
+        async with await engine.start(STORY, params) as stream:
+            async for _ in stream:
+                runs_seen.append(engine.stats.decode_runs_total)
+        assert len(runs_seen) == 40
+        assert runs_seen[0] <= 3 and runs_seen[20] <= 23, runs_seen
 
 
 async def test_consumer_leaving_stops_decoding(smol_engine: ChatEngine) -> None:
