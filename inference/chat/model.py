@@ -173,7 +173,12 @@ class ChatModel:
         pool.ensure()
         cached = pool.views.get(("decode", n))
         if cached is None:
-            logits = np.empty((n, 1, self._logits_width), dtype=self._logits_dtype)
+            shared = pool.views.get(("logits",))
+            if shared is None or shared.shape[0] < n:  # one buffer for every row count
+                shared = np.empty((max(n, pool.max_rows), 1, self._logits_width),
+                                  dtype=self._logits_dtype)
+                pool.views[("logits",)] = shared
+            logits = shared[:n]
             out = ort.OrtValue.ortvalue_from_numpy(logits)
             io, views = self._cache_binding(pool, 0, n)
             io.bind_ortvalue_output(self.spec.logits_name, out)
