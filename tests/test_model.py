@@ -72,3 +72,36 @@ def test_pool_runs_match_the_plain_loop_and_pools_stay_apart(phi3: ChatModel) ->
         for row, i in enumerate(order):
             assert np.abs(pool.buffer[:, row, :, :len(prompts[i])]).min(axis=-1).any()
     assert small.cap < big.cap
+
+
+def test_kept_decode_bindings_match_fresh_ones(phi3: ChatModel,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Decode steps reuse each row count's binding and one logits buffer per pool; over steps
+    # with the row count changing and the pool reshaped in between, they give the logits that
+    # a fresh binding per run (the path for graphs with a symbolic logits width) gives.
+    import numpy as np
+
+    from inference.chat.kv_pool import KVPool
+
+    assert phi3._logits_width  # the kept bindings are what this fixture runs
+    prompts = [phi3.encode_prompt([{"role": "user", "content": text}])
+               for text in ("Count to five: one, two,", "hi", "A longer prompt " * 9)]
+
+    def steps() -> list[np.ndarray]:
+        pool = KVPool(phi3.kv_layout(), budget_bytes=2**26, max_rows=4)
+        out = []
+        for i, ids in enumerate(prompts):
+            phi3.prefill(pool, pool.add(100 if i < 2 else 900), ids)  # the last one reshapes
+            for _ in range(3):
+                logits = phi3.decode(pool, [7] * (i + 1))
+                out.append(logits.copy())  # the kept buffer is overwritten by the next step
+        for rows in (2, 1, 3):  # row counts bound before the reshape, and after it
+            out.append(phi3.decode(pool, [5] * rows).copy())
+        return out
+
+    kept = steps()
+    monkeypatch.setattr(phi3, "_logits_width", 0)
+    fresh = steps()
+    assert [a.shape for a in kept] == [b.shape for b in fresh]
+    for a, b in zip(kept, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -449,7 +449,8 @@ class ChatEngine:
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         """Queue an event-loop call; `_flush` sends a step's calls in one wake-up (one per
-        delta cost the event loop, and the cores onnxruntime shares with it, more)."""
+        delta cost the event loop, and the cores onnxruntime shares with it, more), as the
+        next model run starts (the model calls it) or when the round ends."""
         self._posted.append((callback, args))
 
     def _flush(self) -> None:

@@ -27,6 +27,16 @@ from inference.errors import ContextTooLong, InvalidInput, ModelLoadError
 from inference.providers import LoadedSession, cpu_session
 
 
+@dataclass(frozen=True)
+class _DecodeBinding:
+    """A decode run's binding of pool rows 0..n-1, its logits buffer, and the runtime values
+    the binding points into (kept alive with it)."""
+
+    io: ort.IOBinding
+    logits: npt.NDArray[np.generic]
+    values: tuple[ort.OrtValue, ...]
+
+
 @dataclass
 class KVCache:
     """Past keys/values of one sequence for the plain loop, keyed by past input names."""
@@ -132,7 +142,7 @@ class ChatModel:
                 before_run: Callable[[], None] | None = None) -> npt.NDArray[np.float32]:
         """Write `token_ids` after what row `row` holds; return the last position's logits.
         Blocking: call it on the device thread. `before_run` is called just before the
-        model run starts (see `_run`)."""
+        model run starts (see `_run_bound`)."""
         past = pool.used[row]
         total = past + len(token_ids)
         logits = self._run(pool, row, row + 1, np.asarray([token_ids], dtype=np.int64),
@@ -154,9 +164,10 @@ class ChatModel:
                 ).astype(self._mask_dtype)  # right-padded: row b sees its own length + 1
         ids = np.asarray([0 if t is None else t for t in tokens], dtype=np.int64)[:, None]
         if self._logits_width:
-            io, logits = self._decode_binding(pool, n)
-            self._bind_inputs(io, ids, mask, lengths[:, None])
-            _run_bound(self._session, io, before_run)
+            bound = self._decode_binding(pool, n)
+            self._bind_inputs(bound.io, ids, mask, lengths[:, None])
+            _run_bound(self._session, bound.io, before_run)
+            logits = bound.logits
         else:  # a graph whose logits width is symbolic: they are allocated per run
             logits = self._run(pool, 0, n, ids, mask, lengths[:, None], before_run)
         for row, token in enumerate(tokens):
@@ -164,8 +175,7 @@ class ChatModel:
                 pool.used[row] += 1
         return np.asarray(logits[:, -1], dtype=np.float32)
 
-    def _decode_binding(self, pool: KVPool, n: int) -> tuple[ort.IOBinding,
-                                                              npt.NDArray[np.generic]]:
+    def _decode_binding(self, pool: KVPool, n: int) -> _DecodeBinding:
         """The binding of rows 0..n-1 for one-token runs, kept with the pool (until it is
         reshaped): the cache tensors and the logits output stay bound across steps, so a step
         binds only its three small inputs (binding all 2 x layers caches afresh took about
@@ -182,8 +192,9 @@ class ChatModel:
             out = ort.OrtValue.ortvalue_from_numpy(logits)
             io, views = self._cache_binding(pool, 0, n)
             io.bind_ortvalue_output(self.spec.logits_name, out)
-            cached = pool.views[("decode", n)] = (io, logits, out, views)
-        return cached[0], cached[1]
+            cached = pool.views[("decode", n)] = _DecodeBinding(io, logits, (out, *views))
+        assert isinstance(cached, _DecodeBinding)
+        return cached
 
     def _cache_binding(self, pool: KVPool, first: int, end: int
                        ) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
