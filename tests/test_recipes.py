@@ -51,6 +51,30 @@ def test_a_build_from_an_older_revision_is_rebuilt(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "m" / MANIFEST).read_text())["description"] == "v2"
 
 
+def test_a_build_from_another_toolchain_is_rebuilt(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference.prepare import recipes
+
+    calls: list[int] = []
+
+    def build(scratch: Path, out: Path, progress: Any) -> dict[str, Any]:
+        (out / "model.onnx").write_bytes(b"x")
+        calls.append(1)
+        return {}
+
+    recipe = Recipe("m", "chat", "v1", build)
+    build_model(recipe, tmp_path, lambda _: None)
+    recorded = json.loads((tmp_path / "m" / MANIFEST).read_text())["toolchain"]
+    assert recorded == recipes.toolchain() and recorded["onnxruntime"]
+    messages: list[str] = []
+    monkeypatch.setattr(recipes, "toolchain",
+                        lambda: {**recorded, "transformers": "0.0.1"})  # an upgrade
+    assert not is_built(tmp_path / "m")
+    build_model(recipe, tmp_path, messages.append)
+    assert len(calls) == 2 and is_built(tmp_path / "m")
+    assert "rebuilding: made by another recipe or toolchain" in messages[0]
+
+
 def test_second_run_does_nothing(smollm2_dir: Path, models_dir: Path) -> None:
     messages: list[str] = []
     mtime = (smollm2_dir / "model.onnx").stat().st_mtime

