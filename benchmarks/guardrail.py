@@ -6,7 +6,10 @@ Fails (exit 1) when any of these differs from `benchmarks/guardrail_baseline.jso
   - the embedding vectors of that corpus (all-MiniLM-L6-v2, each text alone): every value
     within 1e-3 of the baseline's; the digest printed is of the vectors rounded to 4 places,
     for the record (CPUs with other SIMD units may move the last places);
-  - the greedy answer of a fixed chat prompt on the default chat model (SmolLM2).
+and when the default chat model's (SmolLM2's) greedy answer to a fixed prompt, served by the
+engine, differs from the plain loop's answer on the same build. The answer itself is printed,
+not held to a baseline: a build of the same pinned sources made with another toolchain may
+answer otherwise, and that is the models' quality gate's business, not a serving regression.
 It also prints throughput ratios against raw onnxruntime measured in the same run (the
 batcher against raw batches; batched decode against the plain loop) and never fails on them:
 these machines are noisy. After an intended change, `--update` writes a new baseline; commit
@@ -63,12 +66,15 @@ def measure(models_dir: Path) -> tuple[dict[str, Any], dict[str, float], np.ndar
     checked: dict[str, Any] = {
         "embedding_token_counts": [len(x) for x in ids],
         "chat_token_counts": [len(x) for x in chat.encode_texts(CORPUS)],
-        "greedy_answer": anyio.run(_greedy, chat),
         "vector_digest": hashlib.sha256(rounded.tobytes()).hexdigest(),
         "vectors": rounded.tolist(),
     }
     ratios = {"embedding": anyio.run(_embedding_ratio, emb),
               "chat": anyio.run(_chat_ratio, chat)}
+    served = anyio.run(_greedy, chat)
+    ids, _ = chat.greedy(chat.encode_prompt(PROMPT), 40)
+    checked["greedy_answer"] = {"served": served,
+                                "plain_loop": chat.tokenizer.decode(ids, skip_special_tokens=True)}
     return checked, ratios, vectors
 
 
@@ -142,9 +148,13 @@ async def _chat_ratio(model: ChatModel) -> float:
 
 def compare(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
     problems = []
-    for key in ("embedding_token_counts", "chat_token_counts", "greedy_answer"):
+    for key in ("embedding_token_counts", "chat_token_counts"):
         if got[key] != want.get(key):
             problems.append(f"{key} changed: {want.get(key)!r} -> {got[key]!r}")
+    answer = got["greedy_answer"]
+    if answer["served"] != answer["plain_loop"]:
+        problems.append(f"the engine's greedy answer {answer['served']!r} is not the plain "
+                        f"loop's {answer['plain_loop']!r}")
     base = np.asarray(want.get("vectors", []), dtype=np.float64)
     vec = np.asarray(got["vectors"], dtype=np.float64)
     if base.shape != vec.shape:
@@ -167,11 +177,14 @@ def main() -> int:
     got, ratios, _ = measure(args.models_dir)
     print(f"guardrail: vector digest {got['vector_digest'][:16]}, token counts "
           f"{got['embedding_token_counts']} / {got['chat_token_counts']}")
-    print(f"guardrail: greedy answer {got['greedy_answer']!r}")
+    answer = got["greedy_answer"]
+    same = "the same" if answer["served"] == answer["plain_loop"] else "DIFFERENT"
+    print(f"guardrail: greedy answer {answer['served']!r} (the plain loop's: {same})")
     print(f"guardrail: batcher / raw onnxruntime {ratios['embedding']:.2f}x texts/s; batched "
           f"decode (4 streams) / plain loop {ratios['chat']:.2f}x tok/s (informational)")
     if args.update:
-        BASELINE.write_text(json.dumps(got, indent=1, ensure_ascii=False) + "\n")
+        kept = {k: v for k, v in got.items() if k != "greedy_answer"}
+        BASELINE.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n")
         print(f"guardrail: wrote {BASELINE.relative_to(REPO)}")
         return 0
     want = json.loads(BASELINE.read_text(encoding="utf-8"))

@@ -76,6 +76,15 @@ def phi3(phi3_dir: Path) -> ChatModel:
     return ChatModel.load(phi3_dir)
 
 
+def greedy_reference(model: ChatModel, messages: list[dict[str, str]], max_tokens: int
+                     ) -> tuple[str, str]:
+    """What a server must answer greedily, taken from the model itself: the plain loop's
+    text and finish reason. Tests hold served output to this, never to what one build of a
+    model happens to know."""
+    ids, ended = model.greedy(model.encode_prompt(messages), max_tokens)
+    return model.tokenizer.decode(ids, skip_special_tokens=True), "stop" if ended else "length"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,13 +10,16 @@ from benchmarks.guardrail import BASELINE, TOLERANCE, compare
 
 def test_the_baseline_matches_itself_and_any_change_is_caught() -> None:
     base = json.loads(BASELINE.read_text(encoding="utf-8"))
+    base["greedy_answer"] = {"served": "An answer.", "plain_loop": "An answer."}
     assert compare(base, base) == []
     for key, change in (("embedding_token_counts", lambda v: [v[0] + 1, *v[1:]]),
-                        ("chat_token_counts", lambda v: v[:-1]),
-                        ("greedy_answer", lambda v: v + "!")):
+                        ("chat_token_counts", lambda v: v[:-1])):
         moved = copy.deepcopy(base)
         moved[key] = change(moved[key])
         assert [p for p in compare(moved, base) if p.startswith(key)], key
+    served_otherwise = copy.deepcopy(base)
+    served_otherwise["greedy_answer"]["served"] += "!"
+    assert any("is not the plain loop's" in p for p in compare(served_otherwise, base))
     nudged = copy.deepcopy(base)
     nudged["vectors"][3][7] += TOLERANCE / 2  # noise within tolerance passes
     assert compare(nudged, base) == []

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from inference.chat.grammar import Guide
-from inference.chat.kv_pool import KVLayout, KVPool
+from inference.chat.kv_pool import GRANULARITY, KVLayout, KVPool
 from inference.chat.spec import ChatModelSpec
 from inference.chat.template import ChatTemplate
 from inference.errors import ContextTooLong, InvalidInput, ModelLoadError
@@ -91,6 +91,7 @@ class ChatModel:
         self.max_token_bytes = 1 + max(
             len(self.tokenizer.decode([i], skip_special_tokens=False).encode())
             for i in range(self.tokenizer.get_vocab_size(with_added_tokens=True)))
+        self.batch_invariant = self._lone_step_is_batched_step()
 
     @classmethod
     def load(cls, folder: Path, *, model_id: str | None = None,
@@ -229,6 +230,36 @@ class ChatModel:
         _run_bound(self._session, io, before_run)
         # fetch the logits only: the caches are the pool itself
         return io.get_outputs()[-1].numpy()  # type: ignore[no-any-return]
+
+    def _lone_step_is_batched_step(self) -> bool:
+        """Whether a one-row decode run gives a row the same logits, bit for bit, as a run of
+        several rows. A row's logits never depend on its mates once two or more rows run
+        (measured: any count, any mates, any position). But onnxruntime's int4 `MatMulNBits`
+        takes another path for a single row, which sums in another order (2.4e-7 apart on
+        the Phi-3 fixture's logits); the int8 builds here are exact either way."""
+        prompt = self.encode_texts(["The lighthouse keeper climbed the stairs."])[0]
+        pool = KVPool(self.kv_layout(), max_rows=2,
+                      budget_bytes=2 * GRANULARITY * self.kv_layout().bytes_per_token)
+        for _ in range(2):
+            self.prefill(pool, pool.add(len(prompt) + 1), prompt)
+        together = self.decode(pool, [1, 1])[0].copy()
+        pool.used[0] = len(prompt)
+        alone = self.decode(pool, [1])[0]
+        return bool(np.array_equal(alone, together))
+
+    def greedy(self, prompt: list[int], max_tokens: int) -> tuple[list[int], bool]:
+        """The plain loop's greedy continuation of `prompt`: up to `max_tokens` token ids, and
+        whether it ended at an end-of-sequence id (which is left out). Blocking. The reference
+        that served greedy output is held to, whatever a build happens to answer."""
+        cache = self.new_cache()
+        token = int(np.argmax(self.forward(cache, prompt)))
+        out: list[int] = []
+        while token not in self.spec.eos_token_ids:
+            out.append(token)
+            if len(out) == max_tokens:
+                return out, False
+            token = int(np.argmax(self.forward(cache, [token])))
+        return out, True
 
     def new_cache(self) -> KVCache:
         """An empty cache for the plain loop (`forward`)."""
