@@ -101,6 +101,7 @@ class ModelEntry:
                              "model_runs_total": self.chat.stats.model_runs_total}
             info["kv_cache"] = self.chat.kv_usage()
             info["prompt_cache"] = self.chat.cache_stats()
+            info["batch_invariant_decode"] = self.chat.batch_invariant
         if self.embedding is not None:
             info["inputs_queued"] = self.embedding.queued
             info["stats"] = dataclasses.asdict(self.embedding.stats)

@@ -151,6 +151,12 @@ class ChatEngine:
         """The KV pool's budget, allocation and use, for /health and /metrics."""
         return self.pool.describe()
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a sequence decoded alone gets the same logits as batched (see README: what
+        seeded sampling promises)."""
+        return self.model.batch_invariant
+
     def cache_stats(self) -> dict[str, int | bool]:
         """The prompt cache's counters, for /health and /metrics."""
         return {"enabled": self.cache.enabled, **dataclasses.asdict(self.cache.stats)}
