@@ -26,6 +26,7 @@ from server.registry import ModelRegistry
 from server.responses import json_response
 from server.routes import admin, chat, completions, embeddings, health, models, web, ws
 from server.security import (
+    OPEN_SCOPE,
     APIKeys,
     host_allowed,
     is_json,
@@ -95,7 +96,10 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
 
 
 OPEN_PATHS = ("/", "/favicon.ico", "/openapi.json")
-HEALTH_PATHS = ("/health", "/health/live", "/health/ready", "/metrics")
+PROBE_PATHS = ("/health", "/health/live", "/health/ready")  # open unless --protect-health
+# /metrics carries every key's traffic (cache hits and misses included): with keys configured
+# it always takes one
+HEALTH_PATHS = (*PROBE_PATHS, "/metrics")
 
 
 def _register_access_hooks(app: Quart, settings: Settings) -> None:
@@ -107,7 +111,7 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
     def is_open(path: str) -> bool:
         """No API key needed (admin paths check their own keys: server/routes/admin.py)."""
         return (path in OPEN_PATHS or path.startswith(("/static/", "/v1/admin/"))
-                or (not settings.protect_health and path in HEALTH_PATHS))
+                or (not settings.protect_health and path in PROBE_PATHS))
 
     def check_head_size(url: str, headers: Headers) -> None:
         size = len(url) + sum(len(k) + len(v) + 4 for k, v in headers.items())
@@ -141,10 +145,13 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
         if app_state().draining and request.path not in HEALTH_PATHS:
             raise APIError(503, "the server is shutting down; retry on another replica",
                            type="service_unavailable", code="shutting_down", retry_after_s=5)
+        g.cache_scope = OPEN_SCOPE
         if keys.enabled and not is_open(request.path):
             header = request.headers.get("Authorization")
-            if not keys.check_header(header):
+            scope = keys.header_scope(header)
+            if scope is None:
                 raise unauthorized(provided=header is not None)
+            g.cache_scope = scope
         if request.method == "POST" and not is_json(request.headers.get("Content-Type")) \
                 and not request.path.startswith("/v1/admin/"):  # those read no body
             # Form and text/plain bodies are what a foreign page can send without a preflight.
@@ -179,8 +186,7 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
         if app_state().draining:
             raise APIError(503, "the server is shutting down", type="service_unavailable",
                            code="shutting_down", retry_after_s=5)
-        g.ws_authorized = not keys.enabled or keys.check_header(
-            websocket.headers.get("Authorization"))
+        g.ws_scope = keys.header_scope(websocket.headers.get("Authorization"))
         g.api_keys = keys
 
 

@@ -1,7 +1,11 @@
 """Access control: API keys, origin, content-type and host rules, request ids.
 
 Keys are compared in constant time and never logged. With no keys configured, the server is
-open (a local tool's default). A browser on a foreign page can send a POST without a CORS
+open (a local tool's default). Each key has its own cache scope (`key_scope`, a hash of the
+key): prompt-cache and embedding-cache entries made under one key are invisible to the others,
+so no key can read or time what another sent. With no keys there is one scope.
+
+A browser on a foreign page can send a POST without a CORS
 preflight (a form or `text/plain` body), so CORS alone does not protect the API: API requests
 with a foreign `Origin` are refused (403), and so are bodies that are not `application/json`
 (415). Bound to a loopback address, the server answers only to the `Host` names it knows, so a
@@ -11,6 +15,7 @@ Origin (and Host) itself.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import re
@@ -23,8 +28,16 @@ from server.errors import APIError
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+OPEN_SCOPE = ""  # the one cache scope of a server with no keys
+
+
+def key_scope(key: str) -> str:
+    """The cache scope of an API key: a hash of it, never the key itself."""
+    return hashlib.sha256(b"npugate cache scope\0" + key.encode()).hexdigest()[:32]
+
+
 class APIKeys:
-    """The configured keys; `check` compares in constant time against every one."""
+    """The configured keys; `scope` compares in constant time against every one."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys = [k.encode() for k in keys if k]
@@ -33,18 +46,29 @@ class APIKeys:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def check(self, candidate: str | None) -> bool:
+    def scope(self, candidate: str | None) -> str | None:
+        """The cache scope of a valid key (`OPEN_SCOPE` when no keys are configured), else
+        None."""
         if not self._keys:
-            return True
+            return OPEN_SCOPE
         given = (candidate or "").encode()
         ok = False
         for key in self._keys:  # no early exit: timing does not reveal which key matched
             ok |= hmac.compare_digest(given, key)
-        return ok
+        return key_scope(given.decode()) if ok else None
+
+    def check(self, candidate: str | None) -> bool:
+        return self.scope(candidate) is not None
+
+    def header_scope(self, authorization: str | None) -> str | None:
+        """`scope` of the key in an `Authorization: Bearer` header."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" and self._keys:
+            return None
+        return self.scope(token.strip())
 
     def check_header(self, authorization: str | None) -> bool:
-        scheme, _, token = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and self.check(token.strip())
+        return self.header_scope(authorization) is not None
 
 
 def unauthorized(provided: bool) -> APIError:

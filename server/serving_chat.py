@@ -71,15 +71,18 @@ class ChatService:
                                code="too_many_content_parts")
         return parse_model(ChatCompletionRequest, body)
 
-    async def start(self, req: ChatCompletionRequest, endpoint: str) -> MeteredStream:
-        """Queue a parsed request. Every error is raised here, before any response."""
+    async def start(self, req: ChatCompletionRequest, endpoint: str, scope: str
+                    ) -> MeteredStream:
+        """Queue a parsed request, reusing only the prompt-cache entries of `scope` (the
+        caller's key's). Every error is raised here, before any response."""
         req.check_supported()
         async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
             assert isinstance(engine, ChatEngine)
-            stream = await self._start(req, engine)
+            stream = await self._start(req, engine, scope)
         return MeteredStream(stream, self._metrics, req.model, endpoint)
 
-    async def _start(self, req: ChatCompletionRequest, engine: ChatEngine) -> GenerationStream:
+    async def _start(self, req: ChatCompletionRequest, engine: ChatEngine, scope: str
+                     ) -> GenerationStream:
         params = dataclasses.replace(
             sampling_params(req, engine.sampling_defaults, self._max_tokens_limit),
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
@@ -107,7 +110,8 @@ class ChatService:
                 grammar = Constraint(json_schema_grammar(schema), "response_format")
         messages = tools.prompt_messages(messages, native=engine.supports_tools,
                                          preamble=preamble)
-        return await engine.start(messages, params, n=req.n, grammar=grammar, tools=offered)
+        return await engine.start(messages, params, n=req.n, grammar=grammar, tools=offered,
+                                  cache_scope=scope)
 
     def events(self, req: ChatCompletionRequest, stream: MeteredStream, *,
                include_usage: bool, idle_s: float | None = None) -> AsyncGenerator[Event, None]:

@@ -43,9 +43,10 @@ class CompletionService:
                                                      if isinstance(p, list)])
         return parse_model(CompletionRequest, body)
 
-    async def start(self, req: CompletionRequest) -> tuple[MeteredStream, list[str]]:
-        """Queue a parsed request; returns its stream and, with `echo`, each choice's prompt
-        text. Every error is raised here, before any response."""
+    async def start(self, req: CompletionRequest, scope: str
+                    ) -> tuple[MeteredStream, list[str]]:
+        """Queue a parsed request (prompt cache of `scope` only); returns its stream and, with
+        `echo`, each choice's prompt text. Every error is raised here, before any response."""
         req.check_supported()
         if req.max_tokens is None:  # OpenAI's default for this endpoint, within the cap
             req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS,
@@ -54,7 +55,7 @@ class CompletionService:
         async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
             assert isinstance(engine, ChatEngine)
             params = sampling_params(req, engine.sampling_defaults, self._max_tokens_limit)
-            stream = await engine.start_completion(prompts, params, n=req.n)
+            stream = await engine.start_completion(prompts, params, n=req.n, cache_scope=scope)
         echo = [p if isinstance(p, str) else engine.detokenize(p)
                 for p in prompts for _ in range(req.n)] if req.echo else []
         return MeteredStream(stream, self._metrics, req.model, "completions"), echo

@@ -46,14 +46,15 @@ class EmbeddingService:
                 batcher.check_token_lists(lists)
         return parse_model(EmbeddingRequest, body)
 
-    async def embed(self, req: EmbeddingRequest) -> dict[str, Any]:
+    async def embed(self, req: EmbeddingRequest, scope: str) -> dict[str, Any]:
+        """The vectors of a parsed request; cached ones only from `scope` (the caller's key's)."""
         async with self._registry.use(req.model, "embedding",
                                       req.keep_alive_seconds()) as batcher:
             assert isinstance(batcher, EmbeddingBatcher)
-            vectors, tokens = await self._vectors(req, batcher)
+            vectors, tokens = await self._vectors(req, batcher, scope)
         return _response(req, vectors, tokens)
 
-    async def _vectors(self, req: EmbeddingRequest, batcher: EmbeddingBatcher
+    async def _vectors(self, req: EmbeddingRequest, batcher: EmbeddingBatcher, scope: str
                        ) -> tuple[list[Vector | None], list[int]]:
         """Each input's vector and token count: from the cache, else from the batcher."""
         items = req.inputs()
@@ -67,7 +68,8 @@ class EmbeddingService:
                                   param="dimensions")
         vectors: list[Vector | None] = [None] * len(items)
         tokens = [0] * len(items)
-        keys = [self.cache.key(req.model, x) for x in items] if self.cache.enabled else []
+        keys = [self.cache.key(req.model, x, scope) for x in items] if self.cache.enabled \
+            else []
         for i, key in enumerate(keys):  # hits skip tokenizing and the batcher
             found = self.cache.get(key)
             if found is not None:

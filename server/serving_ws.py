@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
 from server.generation import is_usage_chunk, usage
-from server.security import APIKeys, unauthorized
+from server.security import OPEN_SCOPE, APIKeys, unauthorized
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
 
@@ -73,9 +73,11 @@ class SocketSession:
 
     def __init__(self, chat: ChatService, embeddings: EmbeddingService,
                  outbox: MemoryObjectSendStream[dict[str, Any]], limits: SocketLimits,
-                 keys: APIKeys | None = None) -> None:
+                 keys: APIKeys | None = None, scope: str = OPEN_SCOPE) -> None:
+        """`scope`: the cache scope of the key the socket authenticated with."""
         self._chat = chat
         self._keys = keys or APIKeys([])
+        self._scope = scope
         self._embeddings = embeddings
         self._outbox = outbox
         self._send = outbox.send
@@ -107,8 +109,10 @@ class SocketSession:
             return
         if kind == "auth":  # already authenticated (by header or first message): check again
             key = msg.get("api_key")
-            if not self._keys.check(key if isinstance(key, str) else None):
+            granted = self._keys.scope(key if isinstance(key, str) else None)
+            if granted is None:
                 raise AuthenticationFailed(unauthorized(provided=True))
+            self._scope = granted  # later conversations run under the new key
             await self._send({"type": "auth.ok"})
             return
         if kind not in ("chat.create", "chat.cancel", "embeddings.create"):
@@ -163,7 +167,7 @@ class SocketSession:
 
     async def _run_chat(self, cid: str, body: dict[str, Any]) -> None:
         req = self._chat.parse(body)
-        stream = await self._chat.start(req, "ws")
+        stream = await self._chat.start(req, "ws", self._scope)
         finish: list[str] = []
         done: dict[str, Any] | None = None
         try:
@@ -194,7 +198,7 @@ class SocketSession:
 
     async def _run_embeddings(self, cid: str, body: dict[str, Any]) -> None:
         req = self._embeddings.parse(body)
-        response = await self._embeddings.embed(req)
+        response = await self._embeddings.embed(req, self._scope)
         await self._send({"type": "embeddings.result", "id": cid, "response": response})
 
     def _post(self, message: dict[str, Any]) -> None:

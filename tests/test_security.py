@@ -12,8 +12,10 @@ from quart import Quart
 
 from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
+from inference.embed.batcher import EmbeddingBatcher
+from inference.embed.model import EmbeddingModel
 from server.app import create_app
-from server.security import APIKeys
+from server.security import OPEN_SCOPE, APIKeys
 from server.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -254,3 +256,78 @@ async def test_oversized_headers_get_431(locked: Quart) -> None:
     body = await resp.get_json()
     assert resp.status_code == 431
     assert body["error"]["code"] == "request_header_fields_too_large"
+
+
+# --- caches scoped to the key (CVE-2025-46570's side channel, closed on the server's side) --
+
+LONG = {"model": "phi3-tiny-random", "max_tokens": 1,
+        "messages": [{"role": "user", "content": "lighthouse keeper " * 80}]}  # > 2 chunks
+
+
+async def _cached_tokens(client: Any, key: str) -> int:
+    resp = await client.post("/v1/chat/completions", json=LONG,
+                             headers={"Authorization": f"Bearer {key}"})
+    assert resp.status_code == 200
+    return int((await resp.get_json())["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+async def _embedding_hits(client: Any, key: str) -> float:
+    text = (await (await client.get("/metrics", headers={"Authorization": f"Bearer {key}"}))
+            .get_data(as_text=True))
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith("npugate_embedding_cache_hits_total"))
+    return float(line.split()[-1])
+
+
+async def test_two_keys_never_share_a_cache_hit(phi3: ChatModel, minilm: EmbeddingModel
+                                                ) -> None:
+    app = create_app(Settings(api_keys=(KEY, "sk-other"), embedding_cache_mib=1),
+                     engines=[ChatEngine(phi3)], batchers=[EmbeddingBatcher(minilm)])
+    async with app.test_app():
+        client = app.test_client()
+        assert await _cached_tokens(client, KEY) == 0
+        own = await _cached_tokens(client, KEY)
+        assert own >= 128  # the key hits its own prompt
+        assert await _cached_tokens(client, "sk-other") == 0  # the same prompt, another key
+        assert await _cached_tokens(client, KEY) == own  # A's entry is still A's
+        embed = {"model": "all-minilm-l6-v2", "input": "a secret sentence"}
+        for key, hits in ((KEY, 0), (KEY, 1), ("sk-other", 1), ("sk-other", 2)):
+            resp = await client.post("/v1/embeddings", json=embed,
+                                     headers={"Authorization": f"Bearer {key}"})
+            assert resp.status_code == 200
+            assert await _embedding_hits(client, KEY) == hits, key
+
+
+async def test_metrics_take_a_key_when_keys_are_configured(locked: Quart) -> None:
+    client = locked.test_client()
+    assert (await client.get("/metrics")).status_code == 401
+    assert (await client.get("/health")).status_code == 200  # probes stay open by default
+    resp = await client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert resp.status_code == 200
+
+
+def test_a_scope_is_a_hash_of_the_key_never_the_key() -> None:
+    keys = APIKeys([KEY, "sk-other"])
+    mine, theirs = keys.scope(KEY), keys.scope("sk-other")
+    assert mine and theirs and mine != theirs and KEY not in mine
+    assert keys.header_scope(f"Bearer {KEY}") == mine and keys.scope("wrong") is None
+    assert APIKeys([]).scope(None) == APIKeys([]).scope("anything") == OPEN_SCOPE
+
+
+async def _socket_cached_tokens(app: Quart, key: str) -> int:
+    request = dict(LONG)
+    async with app.test_client().websocket("/v1/ws") as ws:  # a browser: key in a message
+        await ws.send(orjson.dumps({"type": "auth", "api_key": key}).decode())
+        await ws.send(orjson.dumps({"type": "chat.create", "id": "c", "request": request}))
+        while True:
+            message = orjson.loads(await ws.receive())
+            if message["type"] == "chat.done":
+                return int(message["usage"]["prompt_tokens_details"]["cached_tokens"])
+            assert message["type"] in ("auth.ok", "chat.delta"), message
+
+
+async def test_socket_conversations_use_their_key_s_cache(phi3: ChatModel) -> None:
+    async for app in _app(phi3, api_keys=(KEY, "sk-other")):
+        assert await _socket_cached_tokens(app, KEY) == 0
+        assert await _socket_cached_tokens(app, KEY) >= 128
+        assert await _socket_cached_tokens(app, "sk-other") == 0

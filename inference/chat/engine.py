@@ -168,10 +168,11 @@ class ChatEngine:
 
     async def start(self, messages: list[dict[str, Any]], params: SamplingParams, *,
                     n: int = 1, grammar: Constraint | None = None,
-                    tools: list[dict[str, Any]] | None = None) -> GenerationStream:
+                    tools: list[dict[str, Any]] | None = None,
+                    cache_scope: str = "") -> GenerationStream:
         """Queue a chat generation of `n` choices, each following `grammar` if one is given.
-        `tools` go to templates that read them. Raises before anything streams if it cannot
-        be served."""
+        `tools` go to templates that read them. Only prompt-cache entries of `cache_scope` are
+        reused. Raises before anything streams if it cannot be served."""
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
         self._check_start(params, n)
@@ -185,12 +186,14 @@ class ChatEngine:
             return prompt, self.model.guide.matchers(grammar.grammar, n, param=grammar.param)
 
         prompt, matchers = await anyio.to_thread.run_sync(prepare)
-        return self._enqueue([prompt], params, n, param="messages", matchers=matchers)
+        return self._enqueue([prompt], params, n, param="messages", matchers=matchers,
+                             cache_scope=cache_scope)
 
     async def start_completion(self, prompts: list[str] | list[list[int]],
-                               params: SamplingParams, *, n: int = 1) -> GenerationStream:
+                               params: SamplingParams, *, n: int = 1,
+                               cache_scope: str = "") -> GenerationStream:
         """Queue a plain-text completion: `n` choices for each prompt (text, or token ids of
-        this model's vocabulary), no chat template."""
+        this model's vocabulary), no chat template; prompt cache as in `start`."""
         if not prompts:
             raise InvalidInput("prompt must not be empty", param="prompt")
         self._check_start(params, n * len(prompts))
@@ -200,7 +203,7 @@ class ChatEngine:
         else:  # up to max_running x context ids: checked off the event loop too
             ids = [list(map(int, p)) for p in prompts]
             await anyio.to_thread.run_sync(self.model.check_token_ids, ids)
-        return self._enqueue(ids, params, n, param="prompt")
+        return self._enqueue(ids, params, n, param="prompt", cache_scope=cache_scope)
 
     def check_prompt_shape(self, prompts: int, id_lengths: list[int]) -> None:
         """Cheap checks before a request is validated in full: no more prompts than decode
@@ -227,7 +230,8 @@ class ChatEngine:
         self._check_queue()  # before tokenizing: an overloaded server refuses cheaply
 
     def _enqueue(self, prompts: list[list[int]], params: SamplingParams, n: int, *,
-                 param: str, matchers: list[Matcher] | None = None) -> GenerationStream:
+                 param: str, matchers: list[Matcher] | None = None,
+                 cache_scope: str = "") -> GenerationStream:
         longest = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise InvalidInput("a prompt has no tokens", param=param)
@@ -242,7 +246,8 @@ class ChatEngine:
         self._check_queue()  # again: others may have queued while this prompt was tokenized
         send, receive = anyio.create_memory_object_stream[ChatDelta | InferenceError](
             max_buffer_size=len(needs) * max_tokens + 2)  # one item per step at most: bounded
-        gen = Generation(self.model, prompts, params, max_tokens, n, send, matchers)
+        gen = Generation(self.model, prompts, params, max_tokens, n, send, matchers,
+                         cache_scope)
         self._waiting.append(gen)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += gen.prompt_tokens
@@ -356,7 +361,8 @@ class ChatEngine:
             if choice.state != "done" and not gen.cancelled:
                 continue
             if not choice.failed:
-                self.cache.keep(self.pool, len(self._rows), choice.prompt, row)
+                self.cache.keep(self.pool, len(self._rows), choice.prompt, row,
+                                choice.generation.cache_scope)
             moved = self.pool.remove(row)
             if moved is not None:
                 self._rows[row] = self._rows[moved]

@@ -20,6 +20,9 @@ starts with the same tokens copies that prefix into its own row and prefills onl
   prompt, often shared) is moved to a spare row and stays an entry, so that requests sharing
   it that arrive a round later still hit (taking it over let the first of three concurrent
   requests consume it: the others missed).
+- Every entry belongs to a scope (the server derives it from the API key): a prompt matches
+  only entries of its own scope, so a request under another key can neither hit another's
+  prefix nor time it.
 - Entries live only in rows no running sequence needs: running sequences take rows first and
   an entry in the way moves, or is evicted, least recently used first.
 Everything here runs on the engine's device thread.
@@ -40,6 +43,7 @@ class CacheEntry:
     tokens: list[int]  # the prompt prefix whose KV the row holds
     row: int
     used_at: int
+    scope: str = ""  # who may reuse it: the requests of one API key
 
 
 @dataclass
@@ -69,12 +73,14 @@ class PromptCache:
     def at(self, row: int) -> CacheEntry | None:
         return next((e for e in self.entries if e.row == row), None)
 
-    def lookup(self, prompt: list[int]) -> tuple[CacheEntry | None, int]:
-        """The entry sharing the longest prefix with `prompt`, and how many tokens of it to
-        reuse: whole chunks, leaving at least one prompt token to run."""
+    def lookup(self, prompt: list[int], scope: str = "") -> tuple[CacheEntry | None, int]:
+        """The entry of `scope` sharing the longest prefix with `prompt`, and how many tokens
+        of it to reuse: whole chunks, leaving at least one prompt token to run."""
         best: CacheEntry | None = None
         best_len = 0
         for entry in self.entries:
+            if entry.scope != scope:
+                continue
             common = _common_prefix(entry.tokens, prompt)
             if common > best_len:
                 best, best_len = entry, common
@@ -95,12 +101,14 @@ class PromptCache:
         length = min(len(prompt), written) // self.chunk * self.chunk
         return prompt[:length] if self.enabled else []
 
-    def add(self, tokens: list[int], row: int) -> None:
-        """Keep `tokens` in `row`; entries it makes redundant (its own prefixes) go."""
+    def add(self, tokens: list[int], row: int, scope: str = "") -> None:
+        """Keep `tokens` in `row` for `scope`; entries of that scope it makes redundant (its
+        own prefixes) go."""
         for entry in list(self.entries):
-            if len(entry.tokens) <= len(tokens) and tokens[:len(entry.tokens)] == entry.tokens:
+            if entry.scope == scope and len(entry.tokens) <= len(tokens) \
+                    and tokens[:len(entry.tokens)] == entry.tokens:
                 self.entries.remove(entry)
-        self.entries.append(CacheEntry(tokens, row, self._tick()))
+        self.entries.append(CacheEntry(tokens, row, self._tick(), scope))
         self._count()
 
     def touch(self, entry: CacheEntry) -> None:
@@ -122,9 +130,10 @@ class PromptCache:
 
     # --- rows of the KV pool: running rows are 0..n-1, entries live above them ---------
 
-    def keep(self, pool: KVPool, running: int, prompt: list[int], row: int) -> None:
-        """A sequence leaves running row `row` (of `running`): keep its prompt's KV as an
-        entry, out of the running rows (the pool then moves its last running row in)."""
+    def keep(self, pool: KVPool, running: int, prompt: list[int], row: int,
+             scope: str = "") -> None:
+        """A sequence of `scope` leaves running row `row` (of `running`): keep its prompt's KV
+        as an entry, out of the running rows (the pool then moves its last running row in)."""
         tokens = self.keepable(prompt, pool.used[row])
         if not tokens:
             return
@@ -135,7 +144,7 @@ class PromptCache:
                 return
             pool.copy(row, spare, len(tokens))
             target = spare
-        self.add(tokens, target)
+        self.add(tokens, target, scope)
 
     def _spare_row(self, pool: KVPool, running: int, besides: CacheEntry | None = None
                    ) -> int | None:
@@ -163,8 +172,9 @@ class PromptCache:
             if entry is None:
                 continue
             if choice in fresh:
-                best, usable = self.lookup(choice.prompt)
-                shared = any(self.lookup(other.prompt)[0] is entry for other in fresh
+                best, usable = self.lookup(choice.prompt, choice.generation.cache_scope)
+                shared = any(self.lookup(other.prompt, other.generation.cache_scope)[0] is entry
+                             for other in fresh
                              if other is not choice and not other.looked_up)
                 if best is entry and not shared and len(entry.tokens) > TAKE_OVER_TOKENS:
                     # taken over in place, no copy
@@ -186,7 +196,7 @@ class PromptCache:
                 entry.row = moved
         for choice in fresh:
             if not choice.looked_up:
-                best, usable = self.lookup(choice.prompt)
+                best, usable = self.lookup(choice.prompt, choice.generation.cache_scope)
                 if best is not None:
                     self.touch(best)
                 self._reuse(pool, choice, best, usable)

@@ -57,9 +57,11 @@ class Generation:
     def __init__(self, model: ChatModel, prompts: list[list[int]], params: SamplingParams,
                  max_tokens: int, n: int,
                  send: MemoryObjectSendStream[ChatDelta | InferenceError],
-                 matchers: list[Matcher] | None = None) -> None:
-        """`matchers`, for a constrained generation: one per choice."""
+                 matchers: list[Matcher] | None = None, cache_scope: str = "") -> None:
+        """`matchers`, for a constrained generation: one per choice. `cache_scope`: whose
+        prompt-cache entries it may reuse and leaves (see prompt_cache)."""
         self.prompts = prompts
+        self.cache_scope = cache_scope
         self.max_tokens = max_tokens
         self.send = send
         self.cancelled = False  # set by the consumer's side, or by stop_all

@@ -1,6 +1,8 @@
-"""A bounded LRU of embedding vectors, keyed by model and exact input.
+"""A bounded LRU of embedding vectors, keyed by scope, model and exact input.
 
-The key is the model id and the input as the request gave it: a text (exact, so "a" and "a "
+The scope is whose entry it is (the server derives it from the API key): a request under
+another key neither hits it nor can time it. Then the model id and the input as the request
+gave it: a text (exact, so "a" and "a "
 are different inputs) or a token-id list. Vectors are stored at the model's full dimension,
 as the model computed them; `dimensions` shortens them after the cache, so one entry serves
 every `dimensions` (nothing else changes a vector). The bound is in bytes: each entry counts
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from inference.embed.model import Vector
 
 ENTRY_OVERHEAD = 200  # bytes of dict, tuple and array headers per entry, roughly
-Key = tuple[str, str | tuple[int, ...]]
+Key = tuple[str, str, str | tuple[int, ...]]
 
 
 @dataclass
@@ -42,8 +44,8 @@ class EmbeddingCache:
         return self.max_bytes > 0
 
     @staticmethod
-    def key(model: str, item: str | Sequence[int]) -> Key:
-        return (model, item if isinstance(item, str) else tuple(item))
+    def key(model: str, item: str | Sequence[int], scope: str = "") -> Key:
+        return (scope, model, item if isinstance(item, str) else tuple(item))
 
     def get(self, key: Key) -> tuple[Vector, int] | None:
         """The vector and token count cached for `key`, counting a hit or a miss."""
@@ -60,7 +62,7 @@ class EmbeddingCache:
     def put(self, key: Key, vector: Vector, tokens: int) -> None:
         if not self.enabled:
             return
-        item = key[1]
+        item = key[2]
         size = vector.nbytes + ENTRY_OVERHEAD + (
             len(item.encode()) if isinstance(item, str) else 8 * len(item))
         if size > self.max_bytes:
@@ -80,6 +82,6 @@ class EmbeddingCache:
 
     def drop_model(self, model: str) -> None:
         """Forget a model's vectors (it was unloaded, and may come back changed)."""
-        for key in [k for k in self._entries if k[0] == model]:
+        for key in [k for k in self._entries if k[1] == model]:
             self.stats.bytes -= self._entries.pop(key)[2]
         self.stats.entries = len(self._entries)

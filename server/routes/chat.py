@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 
 from server.responses import event_stream, json_body, json_response
 from server.state import app_state
@@ -14,7 +14,7 @@ bp = Blueprint("chat", __name__)
 async def chat_completions() -> Response:
     state = app_state()
     req = state.chat.parse(await json_body())
-    stream = await state.chat.start(req, "sse" if req.stream else "chat")
+    stream = await state.chat.start(req, "sse" if req.stream else "chat", g.cache_scope)
     if not req.stream:
         return json_response(await state.chat.complete(req, stream))
     return await event_stream(state.chat.events(

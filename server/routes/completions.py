@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 
 from server.responses import event_stream, json_body, json_response
 from server.state import app_state
@@ -14,7 +14,7 @@ bp = Blueprint("completions", __name__)
 async def completions() -> Response:
     state = app_state()
     req = state.completions.parse(await json_body())
-    stream, echo = await state.completions.start(req)
+    stream, echo = await state.completions.start(req, g.cache_scope)
     if not req.stream:
         return json_response(await state.completions.complete(req, stream, echo))
     return await event_stream(state.completions.events(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 
 from server.responses import json_body, json_response
 from server.state import app_state
@@ -14,4 +14,4 @@ bp = Blueprint("embeddings", __name__)
 async def embeddings() -> Response:
     service = app_state().embeddings
     req = service.parse(await json_body())
-    return json_response(await service.embed(req))
+    return json_response(await service.embed(req, g.cache_scope))

@@ -23,7 +23,8 @@ async def chat_socket() -> None:
     state = app_state()
     settings = state.settings
     await websocket.accept()
-    if not g.ws_authorized and not await _authenticate(g.api_keys):
+    scope = g.ws_scope if g.ws_scope is not None else await _authenticate(g.api_keys)
+    if scope is None:
         return
     # Bounded: a slow reader stalls its own conversations (they stop pulling tokens), never
     # another connection.
@@ -32,7 +33,7 @@ async def chat_socket() -> None:
     session = SocketSession(state.chat, state.embeddings, send,
                             SocketLimits(max_message_bytes=settings.ws_max_message_bytes,
                                          max_conversations=settings.ws_max_conversations),
-                            keys=g.api_keys)
+                            keys=g.api_keys, scope=scope)
     refused = False
     with anyio.CancelScope() as connection:  # shutdown cancels it, after final events
         state.sockets.add(connection)
@@ -54,15 +55,17 @@ async def chat_socket() -> None:
     await websocket.close(1001, "the server is shutting down")
 
 
-async def _authenticate(keys: APIKeys) -> bool:
-    """Browsers cannot set headers on a WebSocket: their first message carries the key."""
+async def _authenticate(keys: APIKeys) -> str | None:
+    """Browsers cannot set headers on a WebSocket: their first message carries the key.
+    Returns its cache scope, or None (refused)."""
     with anyio.move_on_after(AUTH_TIMEOUT_S):
         raw = await websocket.receive()
-        if keys.check(auth_message_key(raw)):
+        scope = keys.scope(auth_message_key(raw))
+        if scope is not None:
             await websocket.send(orjson.dumps({"type": "auth.ok"}).decode())
-            return True
+            return scope
     await _refuse()
-    return False
+    return None
 
 
 async def _refuse() -> None:
