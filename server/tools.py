@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from inference.chat.grammar import JSON_OPTIONS
+from inference.chat.schema_check import check_schema
 from server.errors import bad_request
 
 MARKER = '{"tool_calls":['
@@ -50,6 +51,7 @@ def tool_grammar(functions: list[dict[str, Any]], choice: str, *, parallel: bool
     for i, fn in enumerate(functions):
         opening = _lark_string(f'{{"name":"{fn["name"]}","arguments":')
         params = {**(fn.get("parameters") or {}), "type": "object"}  # arguments: an object
+        check_schema(params, param="tools")
         rules.append(f'fn_{i}: {opening} %json {_schema(params)} "}}"')
     repeat = f' ("," call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
     lines = [
@@ -60,6 +62,7 @@ def tool_grammar(functions: list[dict[str, Any]], choice: str, *, parallel: bool
     ]
     if choice == "auto":
         if answer_schema is not None:
+            check_schema(answer_schema, param="response_format")
             lines.append(f"answer: %json {_schema(answer_schema)}")
         else:
             lines += ["answer: TEXT", r"TEXT: /[^{](.|\n)*/"]

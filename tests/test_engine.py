@@ -1,13 +1,15 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 
-from inference.chat.engine import ChatDelta, ChatEngine
+from inference.chat.engine import ChatDelta, ChatEngine, Constraint
+from inference.chat.grammar import json_schema_grammar
 from inference.chat.model import ChatModel
 from inference.chat.sampling import SamplingParams
 from inference.errors import BackendUnavailable, ContextTooLong, InvalidInput, Overloaded
@@ -410,3 +412,67 @@ async def test_prefill_chunks_share_a_slice_between_decode_steps(phi3: ChatModel
     assert after.count("prefill") >= 10 and "decode" in after
     longest = max(len(run) for run in "".join(k[0] for k in after).split("d"))
     assert longest >= 3, after  # several chunks in a row, no decode step between them
+
+
+# --- grammar work: bounded, once per request, refused cheaply, and freed by a leaving client
+
+# OpenAI's largest strict schema, 5,000 required properties: within budget, about 0.3 s to
+# compile here
+HEAVY = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)},
+         "required": [f"p{i}" for i in range(5000)]}
+
+
+def _heavy() -> Constraint:
+    return Constraint(json_schema_grammar(HEAVY), "response_format")
+
+
+async def test_a_full_queue_refuses_before_any_compile(phi3: ChatModel,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    compiles: list[int] = []
+    compile_matchers = phi3.guide.matchers
+
+    def counting(grammar: str, count: int, *, param: str) -> Any:
+        compiles.append(count)
+        return compile_matchers(grammar, count, param=param)
+
+    monkeypatch.setattr(phi3.guide, "matchers", counting)
+    refusals: list[float] = []
+    async for engine in _engine(phi3, max_running=2, max_waiting=2):
+        async def one(engine: ChatEngine) -> None:
+            started = time.perf_counter()
+            try:
+                async with await engine.start(FRANCE, SamplingParams(max_tokens=1),
+                                              grammar=_heavy()) as stream:
+                    async for _ in stream:
+                        pass
+            except Overloaded:
+                refusals.append(time.perf_counter() - started)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(one, engine)
+    # two requests fill the queue while they compile; the other eight are refused at once,
+    # and never compiled
+    assert len(refusals) == 8 and len(compiles) == 2
+    assert max(refusals) < 0.1
+
+
+async def test_clients_leaving_during_compiles_free_the_cpu(phi3: ChatModel) -> None:
+    phi3.guide.matchers(json_schema_grammar({"type": "object"}), 1, param="p")  # warm up
+    async for engine in _engine(phi3, max_running=8, max_waiting=16):
+        async def leave_early(engine: ChatEngine) -> None:
+            with anyio.move_on_after(0.05):
+                async with await engine.start(FRANCE, SamplingParams(max_tokens=1),
+                                              grammar=_heavy(), n=8):
+                    pass
+
+        cpu = time.process_time()
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(leave_early, engine)
+        await anyio.sleep(1.0)  # whatever goes on after the clients left
+        used = time.process_time() - cpu
+        assert engine.waiting == 0 and engine.running == 0
+    # one compile at most ran (about 0.3 s), its 8 choices copies of it; before, each request
+    # compiled once per choice and once more to validate, in parallel: 72 compiles, ~20 s
+    assert used < 2.0, used

@@ -5,6 +5,7 @@ carry the OpenAI error body."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,27 @@ VALID = {
 
 
 @pytest.fixture(scope="module")
-def live(phi3_dir: Path, bert_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
-         ) -> Iterator[tuple[httpx.Client, dict[str, Any]]]:
+def live_server(phi3_dir: Path, bert_tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[LiveServer]:
     server = LiveServer(chat=[phi3_dir], embedding=[bert_tiny_dir],
                         log=tmp_path_factory.mktemp("fuzz") / "server.log",
                         extra=["--max-tokens-limit", "8"])
-    client = httpx.Client(base_url=server.base_url, timeout=60)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def live_pid(live_server: LiveServer) -> int:
+    return live_server.proc.pid
+
+
+@pytest.fixture(scope="module")
+def live(live_server: LiveServer) -> Iterator[tuple[httpx.Client, dict[str, Any]]]:
+    client = httpx.Client(base_url=live_server.base_url, timeout=60)
     try:
         yield client, client.get("/openapi.json").json()
     finally:
         client.close()
-        server.stop()
 
 
 def _check(resp: httpx.Response) -> None:
@@ -157,3 +168,47 @@ def test_admin_lookup(live: tuple[httpx.Client, dict[str, Any]], model_id: str,
                       verb: str) -> None:
     client, _ = live
     _check(client.post(f"/v1/admin/models/{quote(model_id, safe='')}/{verb}"))
+
+
+def _nest(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema, "b": {"type": "integer"}}}
+    return schema
+
+
+hostile_schemas = st.one_of(
+    st.integers(0, 3000).map(lambda n: {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(n)}}),
+    st.integers(1, 60).map(_nest),
+    st.integers(1, 3000).map(lambda n: {"enum": [f"value-{i}" for i in range(n)]}),
+    st.integers(1, 200).map(lambda n: {"anyOf": [
+        {"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]}
+        for i in range(n)]}),
+    st.tuples(st.integers(-(2**80), 2**80), st.integers(0, 10)).map(
+        lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
+    st.sampled_from([{"$ref": "#"}, {"type": "object", "properties": {"x": {"$ref": "#"}},
+                                     "required": ["x"]},
+                     {"type": "array", "minItems": 1, "items": {"$ref": "#"}}]),
+    st.sampled_from(["^(a|aa)*$", "^(a{1,50}){1,50}$", "^[a-z]{1000}$", "^(.*a){20}$",
+                     "^((a+)+)+b$"]).map(lambda p: {"type": "string", "pattern": p}),
+)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The server process's user + system CPU time, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schema=hostile_schemas, n=st.integers(1, 8))
+def test_hostile_schemas_cost_bounded_cpu(live: tuple[httpx.Client, dict[str, Any]],
+                                          live_pid: int, schema: dict[str, Any], n: int) -> None:
+    client, _ = live
+    body = {**VALID["/v1/chat/completions"], "n": n, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    before = _cpu_seconds(live_pid)
+    _check(client.post("/v1/chat/completions", json=body))
+    # measured, not timed: what the request cost the server, compile and decode included
+    assert _cpu_seconds(live_pid) - before < 3.0, schema

@@ -220,3 +220,31 @@ async def test_logit_bias_steers_decoding(app: Quart, phi3: ChatModel) -> None:
                 if (piece := phi3.tokenizer.decode([i])) and greedy.startswith(piece)}
     assert 0 < len(prefixes) <= 300
     assert await text(logit_bias=prefixes) != greedy
+
+
+@pytest.mark.parametrize(("field", "schema", "message"), [
+    ("response_format", {"type": "object", "required": ["n"], "properties": {
+        "n": {"type": "integer", "minimum": 1e40, "maximum": 1e40 + 5}}},
+     "outside what the grammar engine can enforce"),
+    ("response_format", {"type": "object", "properties": {"x": {"$ref": "#"}},
+                         "required": ["x"]}, "no finite value"),
+    ("response_format", {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(4000)}}, "compile-time budget"),
+    ("tools", {"type": "object", "properties": {"x": {"$ref": "#"}}, "required": ["x"]},
+     "no finite value"),
+])
+async def test_schemas_that_could_break_their_answer_get_400(app: Quart, field: str,
+                                                              schema: dict[str, Any],
+                                                              message: str) -> None:
+    # these once came back as {"n":9223372036854775807} or {"x": with finish_reason stop
+    body: dict[str, Any] = {"model": MODEL, "messages": HELLO, "max_tokens": 8}
+    if field == "tools":
+        body |= {"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+                 "tool_choice": "required"}
+    else:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "s", "schema": schema}}
+    resp = await app.test_client().post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    error = (await resp.get_json())["error"]
+    assert message in error["message"] and error["param"] == field

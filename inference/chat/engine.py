@@ -115,6 +115,11 @@ class ChatEngine:
         self._rows: list[Choice] = []  # the running choices; choice i holds pool row i
         self._waiting: deque[Generation] = deque()
         self._device = anyio.CapacityLimiter(1)
+        # Grammars compile one at a time per model, in a worker thread: a compile cannot be
+        # stopped once it runs, so a request still waiting here when its client leaves costs
+        # nothing, and one compiling costs at most schema_check's budget.
+        self._compiling = anyio.CapacityLimiter(1)
+        self._preparing = 0  # requests tokenizing or compiling: they count as waiting
         self._wakeup = anyio.Event()
         self._arrival = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,7 +190,15 @@ class ChatEngine:
                 return prompt, None
             return prompt, self.model.guide.matchers(grammar.grammar, n, param=grammar.param)
 
-        prompt, matchers = await anyio.to_thread.run_sync(prepare)
+        self._preparing += 1
+        try:
+            if grammar is None:
+                prompt, matchers = await anyio.to_thread.run_sync(prepare)
+            else:
+                async with self._compiling:
+                    prompt, matchers = await anyio.to_thread.run_sync(prepare)
+        finally:
+            self._preparing -= 1
         return self._enqueue([prompt], params, n, param="messages", matchers=matchers,
                              cache_scope=cache_scope)
 
@@ -277,8 +290,11 @@ class ChatEngine:
             min(room, kv_room, self._default_max_tokens or room)
 
     def _check_queue(self) -> None:
-        if len(self._waiting) >= self._max_waiting:
-            raise Overloaded(f"model {self.model_id} has {len(self._waiting)} requests waiting; "
+        """Refuse when the queue is full, counting requests still being tokenized or having
+        their grammar compiled: a flood of costly requests is refused before any compile."""
+        waiting = len(self._waiting) + self._preparing
+        if waiting >= self._max_waiting:
+            raise Overloaded(f"model {self.model_id} has {waiting} requests waiting; "
                              "retry later", retry_after_s=1.0)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

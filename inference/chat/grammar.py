@@ -5,9 +5,10 @@ grammar are masked out before sampling.
 with the logits width as its vocabulary and the model's own eos ids, which llguidance would
 not find by itself for `<|end|>` or `<|im_end|>`), an executor that fills many rows' masks
 in parallel, and the token bytes the log-probabilities report. `Guide.matchers` compiles a
-grammar (a worker thread's job: a hostile one may take long) and starts one `Matcher` per
-sequence, with its first mask. Every later mask is filled on the device thread, for all
-constrained rows of a step at once (`Guide.fill`).
+grammar once (a worker thread's job; what a schema may cost is bounded by `schema_check`)
+and starts one `Matcher` per sequence, copies of the first, with its first mask. Every later
+mask is filled on the device thread, for all constrained rows of a step at once
+(`Guide.fill`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
+from inference.chat.schema_check import check_schema
 from inference.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -42,8 +44,10 @@ def limits() -> llguidance.LLParserLimits:
                                      max_grammar_size=MAX_GRAMMAR_SIZE)
 
 
-def json_schema_grammar(schema: dict[str, Any]) -> str:
-    """llguidance grammar text for output that is JSON valid against `schema`."""
+def json_schema_grammar(schema: dict[str, Any], *, param: str = "response_format") -> str:
+    """llguidance grammar text for output that is JSON valid against `schema`. Raises
+    InvalidInput (naming `param`) for a schema past `schema_check`'s budget or bounds."""
+    check_schema(schema, param=param)
     # as text: integers beyond 64 bits are valid JSON that llguidance's own encoder refuses
     return str(llguidance.LLMatcher.grammar_from_json_schema(
         json.dumps(schema, separators=(",", ":")), overrides=JSON_OPTIONS))
@@ -94,22 +98,18 @@ class Guide:
         return self._tokenizer
 
     def matchers(self, grammar: str, count: int, *, param: str) -> list[Matcher]:
-        """Compile `grammar` and start `count` matchers on it; raise InvalidInput naming
-        `param` with llguidance's reason. Blocking (a large grammar takes a while): call it
-        off the event loop."""
-        error = llguidance.LLMatcher.validate_grammar(
-            grammar, self.tokenizer, limits=limits())
-        if error:
-            raise InvalidInput(f"{param} cannot be used: {error}", param=param)
-        matchers = []
-        for _ in range(count):
-            m = llguidance.LLMatcher(self.tokenizer, grammar, limits=limits(), log_level=0)
-            first = self.fill([m])[0]  # here, not on the device thread
-            if m.is_error():
-                raise InvalidInput(f"{param} cannot be used: the grammar cannot start: "
-                                   f"{m.get_error()}", param=param)
-            matchers.append(Matcher(m, first))
-        return matchers
+        """Compile `grammar` once and start `count` matchers on it (copies: a copy costs
+        microseconds, a compile up to the schema budget); raise InvalidInput naming `param`
+        with llguidance's reason. Blocking: call it off the event loop."""
+        m = llguidance.LLMatcher(self.tokenizer, grammar, limits=limits(), log_level=0)
+        if m.is_error():
+            raise InvalidInput(f"{param} cannot be used: {m.get_error()}", param=param)
+        first = self.fill([m])[0]  # here, not on the device thread
+        if m.is_error():
+            raise InvalidInput(f"{param} cannot be used: the grammar cannot start: "
+                               f"{m.get_error()}", param=param)
+        return [Matcher(m if i == 0 else m.deep_copy(), first if i == 0 else first.copy())
+                for i in range(count)]
 
     def fill(self, matchers: list[llguidance.LLMatcher]) -> npt.NDArray[np.bool_]:
         """The allowed tokens of each matcher's next step, one row each (filled in

@@ -133,7 +133,9 @@ class Choice:
     def advance(self, logits: npt.NDArray[np.float32],
                 allowed: npt.NDArray[np.bool_] | None = None) -> ChatDelta:
         """Sample the next token from this choice's logits (only `allowed` tokens, under a
-        grammar) and turn it into a delta. A finished grammar ends the choice with "stop"."""
+        grammar) and turn it into a delta. A finished grammar ends the choice with "stop"; one
+        that ended in error (its masks allow only valid tokens: never expected) ends it with
+        "length", since the answer is incomplete, and is logged."""
         token = self._sampler.sample(logits, allowed)
         if self.matcher is not None:
             self.matcher.consume(token)
@@ -150,10 +152,12 @@ class Choice:
             if self._stops.stopped:
                 finish = "stop"
             elif self.matcher is not None and self.matcher.done:
-                if self.matcher.error:  # masks allow only valid tokens: never expected
-                    log.warning("grammar ended in error: %s", self.matcher.error)
                 text += self._drain()
                 finish = "stop"
+                if self.matcher.error:
+                    log.warning("a constrained answer ended incomplete (finish_reason length): "
+                                "the grammar ended in error: %s", self.matcher.error)
+                    finish = "length"
             elif (self.completion_tokens >= gen.max_tokens
                   or len(self.prompt) + self.completion_tokens >= self._context):
                 text += self._drain()
