@@ -35,6 +35,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from inference.errors import InferenceError
 from server.errors import APIError, bad_request, internal_error, to_api_error
 from server.generation import is_usage_chunk, usage
+from server.metrics import MeteredStream
 from server.security import OPEN_SCOPE, APIKeys, unauthorized
 from server.serving_chat import ChatService
 from server.serving_embeddings import EmbeddingService
@@ -167,10 +168,11 @@ class SocketSession:
 
     async def _run_chat(self, cid: str, body: dict[str, Any]) -> None:
         req = self._chat.parse(body)
-        stream = await self._chat.start(req, "ws", self._scope)
+        stream: MeteredStream | None = None
         finish: list[str] = []
         done: dict[str, Any] | None = None
         try:
+            stream = await self._chat.start(req, "ws", self._scope)
             async with aclosing(self._chat.events(req, stream, include_usage=False)) as events:
                 async for event in events:
                     if isinstance(event, APIError):
@@ -184,9 +186,12 @@ class SocketSession:
                                if c["finish_reason"] is not None and c["index"] == 0]
                     await self._send({"type": "chat.delta", "id": cid, "chunk": event})
         except anyio.get_cancelled_exc_class():
-            # chat.cancel, or the socket closing: say so if the socket still listens.
-            self._post(self._done(cid, "cancelled", usage(
-                stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)))
+            # chat.cancel, or the socket closing, at any point after chat.create (a request
+            # still being tokenized or queued too): say so while the socket still listens.
+            used = usage(0, 0) if stream is None else usage(
+                stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                await self._send_if_open(self._done(cid, "cancelled", used))
             raise
         assert done is not None
         await self._send(done)
@@ -201,11 +206,11 @@ class SocketSession:
         response = await self._embeddings.embed(req, self._scope)
         await self._send({"type": "embeddings.result", "id": cid, "response": response})
 
-    def _post(self, message: dict[str, Any]) -> None:
-        """Queue without waiting; dropped if the socket is gone or its queue is full."""
+    async def _send_if_open(self, message: dict[str, Any]) -> None:
+        """Send unless the socket is gone."""
         try:
-            self._outbox.send_nowait(message)
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._send(message)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
 
     async def _error(self, cid: str | None, err: APIError) -> None:

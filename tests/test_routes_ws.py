@@ -159,3 +159,16 @@ async def test_tiny_temperature_over_the_socket_is_no_error(app: Quart) -> None:
         await ws.send(_chat("t", max_tokens=4, temperature=1e-310))
         messages = await _until_done(ws, {"t"})
     assert messages[-1]["type"] == "chat.done" and messages[-1]["finish_reason"] == "length"
+
+
+async def test_a_cancel_right_after_create_always_gets_its_closing_message(app: Quart) -> None:
+    # sent before the request is tokenized or queued, and once it is: every try is answered
+    async with app.test_client().websocket("/v1/ws") as ws:
+        for i in range(10):
+            cid = f"c{i}"
+            await ws.send(_chat(cid, max_tokens=200))
+            await ws.send(orjson.dumps({"type": "chat.cancel", "id": cid}).decode())
+            messages = await _until_done(ws, {cid})
+            done = messages[-1]
+            assert done["type"] == "chat.done" and done["finish_reason"] == "cancelled", done
+            assert set(done["usage"]) >= {"prompt_tokens", "completion_tokens"}
