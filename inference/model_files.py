@@ -1,4 +1,5 @@
-"""Reading the small JSON files of a model folder, with errors that name the file."""
+"""Reading the small JSON files of a model folder, with errors that name the file, and
+keeping every file a model reads inside its folder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from inference.errors import ModelLoadError
+
+
+def inside(folder: Path, name: str | Path) -> Path:
+    """`folder / name`, refused when it resolves outside `folder`: an absolute name, `..`, or
+    a link to elsewhere (a folder in a shared models directory must not read other files)."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ModelLoadError(f"{name} in model folder {folder.name} points outside the folder; "
+                             "files a model reads must be inside it (copy linked files in)")
+    return path
 
 
 def read_json(path: Path, *, required: bool = False) -> Any:

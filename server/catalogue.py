@@ -9,12 +9,14 @@ A prepared folder is one with `npugate-manifest.json`, which `npugate prepare` w
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 Task = Literal["chat", "embedding"]
 MANIFEST = "npugate-manifest.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,11 @@ class Catalogue:
         if self.models_dir is None or not self.models_dir.is_dir():
             return []
         found = []
+        root = self.models_dir.resolve()
         for folder in sorted(self.models_dir.iterdir()):
+            if folder.is_dir() and not folder.resolve().is_relative_to(root):
+                log.warning("%s links outside the models directory: not served", folder.name)
+                continue
             if folder.is_dir() and (folder / MANIFEST).is_file():
                 model_id, task = read_manifest(folder)
                 if task is not None:

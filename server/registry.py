@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -215,11 +216,11 @@ class ModelRegistry:
                                                     on_batch, on_run)
         except (InferenceError, APIError) as exc:
             log.error("model %s failed to load: %s", entry.id, exc.message)
-            entry.set_status("failed", exc.message)
+            entry.set_status("failed", without_paths(exc.message))
             return
         except Exception as exc:  # a broken folder must not take the server down
             log.exception("model %s failed to load", entry.id)
-            entry.set_status("failed", f"{type(exc).__name__}: {exc}")
+            entry.set_status("failed", without_paths(f"{type(exc).__name__}: {exc}"))
             return
         if isinstance(engine, ChatEngine):
             entry.chat = engine
@@ -367,3 +368,12 @@ class ModelRegistry:
         if "failed" not in statuses:
             return "ready"
         return "degraded" if statuses - {"failed"} else "failed"
+
+
+_PATH = re.compile(r"/(?:[^/\s'\":]+/)+([^/\s'\":]+)")
+
+
+def without_paths(message: str) -> str:
+    """A load error as callers see it (API errors, /health): each absolute path cut to its
+    last part, so the server's file layout stays in its own log."""
+    return _PATH.sub(r"\1", message)

@@ -187,6 +187,7 @@ def test_a_model_that_fails_to_load_leaves_the_others_serving(server: LiveServer
     resp = _embed(server, "broken-embedder")
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_failed"
     assert _models(server)["broken-embedder"]["status"] == "failed"
+    assert "/" not in resp.json()["error"]["message"]  # no server paths to callers
     assert _chat(server, CHAT).status_code == 200
     assert _embed(server, EMB).status_code == 200
     assert httpx.get(server.base_url + "/health").json()["status"] == "degraded"

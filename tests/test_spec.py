@@ -84,3 +84,30 @@ def test_corrupt_config_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
     (folder / "genai_config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="genai_config.json"):
         ChatModelSpec.from_folder(folder)
+
+
+@pytest.mark.parametrize("filename", ["/etc/hostname", "../outside.onnx"])
+def test_a_model_file_named_outside_the_folder_is_refused(phi3_dir: Path, tmp_path: Path,
+                                                          filename: str) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    shutil.copyfile(folder / "model.onnx", tmp_path / "outside.onnx")
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["decoder"]["filename"] = filename
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="points outside the folder"):
+        ChatModelSpec.from_folder(folder)
+
+
+def test_a_file_linked_to_elsewhere_is_refused(phi3_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(phi3_dir, folder)
+    (tmp_path / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    with pytest.raises(ModelLoadError, match="tokenizer.json in model folder m points outside"):
+        ChatModelSpec.from_folder(folder)
+    (folder / "tokenizer.json").unlink()  # a link that stays inside is fine
+    (folder / "tok.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+    (folder / "tokenizer.json").symlink_to(folder / "tok.json")
+    assert ChatModelSpec.from_folder(folder).tokenizer_file == folder / "tokenizer.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.errors import ModelLoadError
-from inference.model_files import json_object
+from inference.model_files import inside, json_object
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,14 @@ class ChatModelSpec:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"chat model folder {folder} does not exist")
-        genai = json_object(folder / "genai_config.json", required=True)
-        tok_cfg = json_object(folder / "tokenizer_config.json")
+        genai = json_object(inside(folder, "genai_config.json"), required=True)
+        tok_cfg = json_object(inside(folder, "tokenizer_config.json"))
         try:
             model = genai["model"]
             decoder = model["decoder"]
             inputs = decoder.get("inputs", {})
             outputs = decoder.get("outputs", {})
-            onnx_file = folder / decoder.get("filename", "model.onnx")
+            onnx_file = inside(folder, str(decoder.get("filename", "model.onnx")))
             num_layers = int(decoder["num_hidden_layers"])
             num_kv_heads = int(decoder.get("num_key_value_heads", decoder["num_attention_heads"]))
             head_size = int(decoder["head_size"])
@@ -88,7 +88,7 @@ class ChatModelSpec:
                 f"{folder}/genai_config.json lacks a required field: {exc}") from exc
         if not onnx_file.is_file():
             raise ModelLoadError(f"{onnx_file} is missing")
-        tokenizer_file = folder / "tokenizer.json"
+        tokenizer_file = inside(folder, "tokenizer.json")
         if not tokenizer_file.is_file():
             raise ModelLoadError(f"{tokenizer_file} is missing")
         template = _chat_template(folder, tok_cfg)
@@ -121,7 +121,7 @@ class ChatModelSpec:
 
 def _chat_template(folder: Path, tok_cfg: dict[str, Any]) -> str:
     # transformers >= 5 writes the template to its own file; older folders keep it inline.
-    jinja = folder / "chat_template.jinja"
+    jinja = inside(folder, "chat_template.jinja")
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
     inline = tok_cfg.get("chat_template")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from inference.errors import ModelLoadError
-from inference.model_files import json_list, json_object
+from inference.model_files import inside, json_list, json_object
 
 Pooling = Literal["mean", "cls", "max"]
 
@@ -35,18 +35,18 @@ class EmbeddingModelSpec:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelLoadError(f"embedding model folder {folder} does not exist")
-        onnx_file = next((p for p in (folder / "model.onnx", folder / "onnx" / "model.onnx")
-                          if p.is_file()), None)
+        onnx_file = next((p for p in (inside(folder, "model.onnx"),
+                                      inside(folder, "onnx/model.onnx")) if p.is_file()), None)
         if onnx_file is None:
             raise ModelLoadError(f"{folder} has no model.onnx (or onnx/model.onnx)")
-        tokenizer_file = folder / "tokenizer.json"
+        tokenizer_file = inside(folder, "tokenizer.json")
         if not tokenizer_file.is_file():
             raise ModelLoadError(f"{tokenizer_file} is missing")
-        config = json_object(folder / "config.json")
-        pooling_cfg = json_object(folder / "1_Pooling" / "config.json")
-        modules = json_list(folder / "modules.json")
-        st_cfg = json_object(folder / "sentence_bert_config.json")
-        tok_cfg = json_object(folder / "tokenizer_config.json")
+        config = json_object(inside(folder, "config.json"))
+        pooling_cfg = json_object(inside(folder, "1_Pooling/config.json"))
+        modules = json_list(inside(folder, "modules.json"))
+        st_cfg = json_object(inside(folder, "sentence_bert_config.json"))
+        tok_cfg = json_object(inside(folder, "tokenizer_config.json"))
         dimension = int(pooling_cfg.get("word_embedding_dimension")
                         or config.get("hidden_size") or 0)
         if not dimension:
@@ -61,7 +61,7 @@ class EmbeddingModelSpec:
             tokenizer_file=tokenizer_file, pooling=_pooling(pooling_cfg),
             normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
             max_length=min(limits) if limits else 512, dimension=dimension,
-            matryoshka=bool(json_object(folder / "npugate.json").get("matryoshka", False)),
+            matryoshka=bool(json_object(inside(folder, "npugate.json")).get("matryoshka", False)),
         )
 
 
