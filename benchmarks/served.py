@@ -28,6 +28,14 @@ def free_port() -> int:
 def served(*args: str, ready_s: float = 120) -> Iterator[str]:
     """Run `npugate serve ARGS` on a free loopback port; yield its base URL once /health is
     200, and stop it on exit."""
+    with served_process(*args, ready_s=ready_s) as (base, _):
+        yield base
+
+
+@contextmanager
+def served_process(*args: str, ready_s: float = 120
+                   ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`served`, yielding the server's process too (to read its memory)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
                              "--log-level", "warning", *args], cwd=REPO)
@@ -45,7 +53,7 @@ def served(*args: str, ready_s: float = 120) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("npugate serve did not become ready")
             time.sleep(0.2)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)

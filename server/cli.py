@@ -38,6 +38,8 @@ NUMBER_FLAGS = (
      "generations decoding at once per model"),
     ("--kv-budget", "kv_budget_mib", "NPUGATE_KV_BUDGET",
      "MiB of KV cache per chat model; requests wait for room within it"),
+    ("--prompt-cache-mib", "prompt_cache_mib", "NPUGATE_PROMPT_CACHE_MIB",
+     "MiB of KV cache (within --kv-budget) that kept prompt prefixes may hold per chat model"),
     ("--prefill-chunk", "prefill_chunk", "NPUGATE_PREFILL_CHUNK",
      "prompt tokens per prefill run; running streams wait at most one chunk"),
     ("--max-waiting", "max_waiting_per_model", "NPUGATE_MAX_WAITING",

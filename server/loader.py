@@ -45,7 +45,8 @@ def load_engine(entry: CatalogueEntry, limits: EngineLimits,
                           default_max_tokens=limits.max_tokens_limit,
                           kv_budget_bytes=limits.kv_budget_bytes,
                           prefill_chunk=limits.prefill_chunk,
-                          prompt_cache=limits.prompt_cache, on_run=on_run)
+                          prompt_cache=limits.prompt_cache,
+                          prompt_cache_bytes=limits.prompt_cache_bytes, on_run=on_run)
     cache = limits.qnn_cache_dir / entry.id if limits.qnn_cache_dir else None
     emb = EmbeddingModel.load(entry.path, model_id=entry.id, device=limits.embedding_device,
                               cache_dir=cache, qnn=limits.qnn)

@@ -84,10 +84,11 @@ class ModelEntry:
         self.changed = anyio.Event()
 
     def memory_bytes(self) -> int:
-        """What the loaded model holds: its expected size, plus a chat model's KV pool."""
+        """What the loaded model holds: its expected size, plus what a chat model's KV pool
+        holds in memory (the pages written, not the buffer's size or its reservations)."""
         if self.status not in ("ready", "loading", "unloading"):
             return 0
-        kv = self.chat.kv_usage()["allocated_bytes"] if self.chat is not None else 0
+        kv = self.chat.kv_usage()["resident_bytes"] if self.chat is not None else 0
         return self.expected_bytes + kv
 
     def describe(self) -> dict[str, Any]:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference.chat.engine import DEFAULT_KV_BUDGET, DEFAULT_PREFILL_CHUNK
+from inference.chat.engine import (
+    DEFAULT_KV_BUDGET,
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_PROMPT_CACHE_BYTES,
+)
 from inference.prepare import default_models_dir
 from inference.providers import DEFAULT_BUCKETS, QnnOptions
 
@@ -20,6 +24,7 @@ class EngineLimits:
     kv_budget_bytes: int = DEFAULT_KV_BUDGET
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     prompt_cache: bool = True
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
     embedding_device: str = "auto"
     embedding_max_batch: int = 32
     embedding_batch_tokens: int = 16384
@@ -57,6 +62,7 @@ class Settings:
     kv_budget_mib: int = DEFAULT_KV_BUDGET // 2**20  # per chat model (README: KV cache)
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill run
     prompt_cache: bool = True  # keep prompt prefixes in the KV pool for the next turn
+    prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_BYTES // 2**20  # of the KV budget, at most
     max_waiting_per_model: int = 56  # benchmarks/limits.py: the back starts within 30 s
     max_body_bytes: int = 4 * 1024 * 1024
     # URL plus headers; larger gets 431. Hypercorn buffers up to 8x this (see serve.py).
@@ -85,6 +91,7 @@ class Settings:
             max_tokens_limit=self.max_tokens_limit,
             kv_budget_bytes=self.kv_budget_mib * 2**20, prefill_chunk=self.prefill_chunk,
             prompt_cache=self.prompt_cache,
+            prompt_cache_bytes=min(self.prompt_cache_mib, self.kv_budget_mib) * 2**20,
             embedding_device=self.embedding_device, embedding_max_batch=self.embedding_max_batch,
             embedding_batch_tokens=self.embedding_batch_tokens,
             embedding_max_queued=self.embedding_max_queued,

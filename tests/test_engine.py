@@ -437,12 +437,13 @@ async def test_a_full_queue_refuses_before_any_compile(phi3: ChatModel,
 
     monkeypatch.setattr(phi3.guide, "matchers", counting)
     refusals: list[float] = []
+    heavy = _heavy()  # the grammar text, built once: the ten starts come at once
     async for engine in _engine(phi3, max_running=2, max_waiting=2):
         async def one(engine: ChatEngine) -> None:
             started = time.perf_counter()
             try:
                 async with await engine.start(FRANCE, SamplingParams(max_tokens=1),
-                                              grammar=_heavy()) as stream:
+                                              grammar=heavy) as stream:
                     async for _ in stream:
                         pass
             except Overloaded:
@@ -476,3 +477,34 @@ async def test_clients_leaving_during_compiles_free_the_cpu(phi3: ChatModel) -> 
     # one compile at most ran (about 0.3 s), its 8 choices copies of it; before, each request
     # compiled once per choice and once more to validate, in parallel: 72 compiles, ~20 s
     assert used < 2.0, used
+
+
+# --- a consumer that stops reading pauses its generation, and one that never reads ends it
+
+
+async def test_a_consumer_that_stops_reading_pauses_its_generation(phi3: ChatModel) -> None:
+    from inference.chat.engine import UNREAD_PER_CHOICE
+
+    async for engine in _engine(phi3):
+        async with await engine.start(FRANCE, SamplingParams(max_tokens=600)) as stream:
+            with anyio.fail_after(10):
+                while engine.stats.paused_total == 0:  # noqa: ASYNC110 - observing
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.3)  # paused: no more steps while nobody reads
+            runs = engine.stats.decode_runs_total
+            await anyio.sleep(0.3)
+            assert engine.stats.decode_runs_total == runs
+            assert runs <= UNREAD_PER_CHOICE + 2  # not 600
+            deltas = [d async for d in stream]  # reading resumes it, to the end
+        assert len(deltas) == 600 and deltas[-1].finish_reason == "length"
+
+
+async def test_a_consumer_that_never_reads_is_cancelled_after_the_stall_time(phi3: ChatModel
+                                                                             ) -> None:
+    async for engine in _engine(phi3, stall_s=0.3):
+        async with await engine.start(FRANCE, SamplingParams(max_tokens=600)):
+            with anyio.fail_after(10):
+                while engine.stats.cancelled_total == 0:  # noqa: ASYNC110 - observing
+                    await anyio.sleep(0.02)
+        assert engine.stats.stalled_total == 1 and engine.running == 0
+        assert engine.stats.decode_runs_total <= 70  # not 600

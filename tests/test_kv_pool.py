@@ -93,3 +93,24 @@ def test_reshape_carries_kept_rows_above_the_running_ones() -> None:
     assert pool.rows == 3 and pool.allocated_bytes <= pool.budget_bytes
     assert moved[0] == 2 and moved[1] is None  # one spare row left: the first one kept
     assert (pool.buffer[:, 2, :, :64] == 8.0).all() and (pool.buffer[:, 0, :, :50] == 1.0).all()
+
+
+def test_memory_is_what_was_written_and_freed_rows_give_it_back() -> None:
+    layout = KVLayout(tensors=4, kv_heads=2, head_size=64, dtype=np.dtype(np.float32),
+                      context=4096)
+    pool = KVPool(layout, budget_bytes=4 * 4096 * layout.bytes_per_token, max_rows=4)
+    for _ in range(3):
+        pool.add(1000)
+    pool.ensure()
+    assert pool.allocated_bytes > 0 and pool.resident_bytes() == 0  # nothing written yet
+    assert pool.buffer is not None
+    pool.buffer[:, :3, :, :800] = 1.0
+    written = 3 * 800 * layout.bytes_per_token
+    assert pool.resident_bytes() == written  # pages of 64 KiB blocks: exact here
+    pool.copy(2, 3, 800)  # a prompt-cache entry moves to spare row 3
+    pool.remove(2)
+    pool.trim(held={3})  # row 2 is neither running nor held: its pages go back
+    assert pool.resident_bytes() == written
+    pool.trim(held=set())  # the entry was evicted
+    assert pool.resident_bytes() == 2 * 800 * layout.bytes_per_token
+    assert pool.describe()["resident_bytes"] == pool.resident_bytes()

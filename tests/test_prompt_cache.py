@@ -159,3 +159,26 @@ async def test_a_cancelled_request_leaves_a_usable_entry(smollm2: ChatModel) -> 
         assert engine.cache_stats()["entries"] == 1
         answer, hit = await _ask(engine, long)
         assert hit >= 128 and answer == expected
+
+
+def test_entries_stay_within_their_byte_cap() -> None:
+    cache = PromptCache(chunk=4, max_tokens=20)
+    cache.add(list(range(8)), row=2)
+    cache.add(list(range(100, 108)), row=3)
+    cache.add(list(range(200, 212)), row=4)  # 28 tokens held: the oldest goes
+    assert [e.row for e in cache.entries] == [3, 4]
+    assert cache.stats.tokens_held == 20 and cache.stats.evictions == 1
+
+
+async def test_a_small_cap_keeps_the_pool_s_memory_small(phi3: ChatModel) -> None:
+    per_token = phi3.kv_layout().bytes_per_token
+    async for engine in _engine(phi3, prompt_cache_bytes=200 * per_token):
+        footprint = 0
+        for i in range(4):  # distinct 150-token prompts: each leaves a 128-token entry
+            await _ask(engine, [{"role": "user", "content": f"{i} " + "lighthouse " * 70}])
+            await _idle(engine)
+            footprint = footprint or engine.pool.resident_bytes()  # one entry's pages
+        assert engine.cache.stats.tokens_held <= 200 and engine.cache.stats.evictions >= 2
+        # the pool holds one entry's pages, not one per prompt seen (4x before)
+        assert len(engine.cache.entries) == 1
+        assert engine.pool.resident_bytes() <= 1.5 * footprint

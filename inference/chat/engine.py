@@ -11,6 +11,11 @@ Prefill runs in chunks of a fixed size, so a long prompt stalls running streams 
 at a time, a consumer that leaves stops its prefill at the next chunk, and a sequence's
 numerics never depend on its batch mates (chunk boundaries do change int8 kernels' rounding,
 so they must not depend on load).
+
+A consumer that stops reading (a slow or stalled client, over SSE or the WebSocket alike)
+pauses its generation: past `UNREAD_PER_CHOICE` undelivered deltas per choice it keeps its row
+but is not stepped, and it resumes once its consumer catches up. Paused for `stall_s`, it is
+cancelled. So a client that never reads costs a bounded number of tokens, not `max_tokens`.
 """
 
 from __future__ import annotations
@@ -51,7 +56,15 @@ __all__ = ["ChatDelta", "ChatEngine", "Constraint", "DeltaStream", "EngineStats"
 log = logging.getLogger(__name__)
 DEFAULT_KV_BUDGET = 2 * 1024**3
 DEFAULT_PREFILL_CHUNK = 64
+# What kept prompt prefixes may hold of the KV budget (the attack run saw 14 entries hold
+# 603 MiB, and rising): about 5,700 tokens of SmolLM2-135M's fp32 KV
+DEFAULT_PROMPT_CACHE_BYTES = 256 * 2**20
 PREFILL_SLICE_S = 0.1  # prefill time between two decode steps, beyond the first chunk
+# A generation whose consumer has this many undelivered deltas per choice waits for it (a
+# second or two of tokens: streaming clients that read do not get near it) ...
+UNREAD_PER_CHOICE = 64
+STALL_S = 60.0  # ... and is cancelled when it has waited this long
+PAUSED_POLL_S = 0.02  # how often a round whose rows all wait looks for a reader
 # Per model run: "prefill" or "decode", rows in the run, new tokens, seconds; and per step
 # with constrained rows, "mask", the rows whose grammar masks were filled, and the seconds
 # that took. Called on the device thread.
@@ -80,6 +93,8 @@ class EngineStats:
     prefill_runs_total: int = 0  # model runs that read prompt chunks
     decode_runs_total: int = 0  # model runs that step every generating sequence once
     decode_rows_total: int = 0  # sequences stepped, summed over decode runs
+    paused_total: int = 0  # generations paused because their consumer stopped reading
+    stalled_total: int = 0  # ... and cancelled after `stall_s` paused
 
     @property
     def model_runs_total(self) -> int:
@@ -99,13 +114,16 @@ class ChatEngine:
                  round_s: float = 0.25, default_max_tokens: int | None = None,
                  kv_budget_bytes: int = DEFAULT_KV_BUDGET,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prompt_cache: bool = True,
-                 on_run: RunObserver | None = None) -> None:
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+                 on_run: RunObserver | None = None, stall_s: float = STALL_S) -> None:
         self.model = model
+        self._stall_s = stall_s
         self.model_id = model.spec.model_id
         self.stats = EngineStats()
         self.pool = KVPool(model.kv_layout(), budget_bytes=kv_budget_bytes,
                            max_rows=max_running, spare_rows=max_running if prompt_cache else 0)
-        self.cache = PromptCache(chunk=prefill_chunk, enabled=prompt_cache)
+        self.cache = PromptCache(chunk=prefill_chunk, enabled=prompt_cache,
+                                 max_tokens=prompt_cache_bytes // model.kv_layout().bytes_per_token)
         self.on_run = on_run
         self._max_running = max_running
         self._max_waiting = max_waiting
@@ -119,7 +137,7 @@ class ChatEngine:
         # stopped once it runs, so a request still waiting here when its client leaves costs
         # nothing, and one compiling costs at most schema_check's budget.
         self._compiling = anyio.CapacityLimiter(1)
-        self._preparing = 0  # requests tokenizing or compiling: they count as waiting
+        self._compiles = 0  # requests waiting for or in a compile: they count as waiting
         self._wakeup = anyio.Event()
         self._arrival = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,15 +208,15 @@ class ChatEngine:
                 return prompt, None
             return prompt, self.model.guide.matchers(grammar.grammar, n, param=grammar.param)
 
-        self._preparing += 1
-        try:
-            if grammar is None:
-                prompt, matchers = await anyio.to_thread.run_sync(prepare)
-            else:
+        if grammar is None:
+            prompt, matchers = await anyio.to_thread.run_sync(prepare)
+        else:
+            self._compiles += 1
+            try:
                 async with self._compiling:
                     prompt, matchers = await anyio.to_thread.run_sync(prepare)
-        finally:
-            self._preparing -= 1
+            finally:
+                self._compiles -= 1
         return self._enqueue([prompt], params, n, param="messages", matchers=matchers,
                              cache_scope=cache_scope)
 
@@ -290,9 +308,9 @@ class ChatEngine:
             min(room, kv_room, self._default_max_tokens or room)
 
     def _check_queue(self) -> None:
-        """Refuse when the queue is full, counting requests still being tokenized or having
-        their grammar compiled: a flood of costly requests is refused before any compile."""
-        waiting = len(self._waiting) + self._preparing
+        """Refuse when the queue is full, counting requests whose grammar waits to compile
+        or compiles: a flood of costly schemas is refused before any compile."""
+        waiting = len(self._waiting) + self._compiles
         if waiting >= self._max_waiting:
             raise Overloaded(f"model {self.model_id} has {waiting} requests waiting; "
                              "retry later", retry_after_s=1.0)
@@ -363,8 +381,11 @@ class ChatEngine:
                     return
                 self.cache.settle(self.pool, self._rows)
                 self._prefill_slice()
-                if any(c.state == "decode" for c in self._rows):
-                    self._decode()
+                stepped = any(c.state == "decode" for c in self._rows) and self._decode()
+                if not stepped and not any(c.state == "prefill" for c in self._rows):
+                    # every generating row is paused: wait for a reader, or an arrival
+                    self._flush()
+                    self._arrival.wait(PAUSED_POLL_S)
         finally:
             self._flush()
 
@@ -389,6 +410,8 @@ class ChatEngine:
                 self._post(self._close, gen, "cancelled", gen.stop_error)
         if not self._rows and not self.cache.entries:
             self.pool.free()
+        else:  # rows no sequence and no entry holds give their pages back
+            self.pool.trim({e.row for e in self.cache.entries})
 
     def _prefill_slice(self) -> None:
         """Prefill chunks, oldest sequence first, for up to `PREFILL_SLICE_S` between two
@@ -423,10 +446,15 @@ class ChatEngine:
             self._emit(each, each.advance(logits, None if each.matcher is None
                                           else each.matcher.first))
 
-    def _decode(self) -> None:
+    def _decode(self) -> bool:
+        """One decode run for every generating row whose consumer keeps up; False when there
+        was none to step."""
         rows = self._rows
         width = 1 + max(r for r, c in enumerate(rows) if c.state == "decode")
-        tokens = [c.last if c.state == "decode" else None for c in rows[:width]]
+        tokens = [c.last if c.state == "decode" and not self._paused(c.generation) else None
+                  for c in rows[:width]]
+        if all(t is None for t in tokens):
+            return False
         try:
             started = time.perf_counter()
             logits = self.model.decode(self.pool, tokens, before_run=self._flush)
@@ -437,13 +465,31 @@ class ChatEngine:
             for c in rows[:width]:
                 if c.state == "decode":
                     self._fail(c.generation, exc)
-            return
+            return True
         self.stats.decode_rows_total += stepped
         masks = self._masks([c for row, c in enumerate(rows[:width])
                              if tokens[row] is not None and c.matcher is not None])
         for row, choice in enumerate(rows[:width]):
             if tokens[row] is not None and not choice.generation.cancelled:
                 self._emit(choice, choice.advance(logits[row], masks.get(id(choice))))
+        return True
+
+    def _paused(self, gen: Generation) -> bool:
+        """Whether `gen`'s consumer is too far behind to step it now; cancels it once it has
+        been so for `stall_s`."""
+        if gen.emitted - gen.received < UNREAD_PER_CHOICE * len(gen.choices):
+            gen.paused_at = None
+            return False
+        now = time.monotonic()
+        if gen.paused_at is None:
+            gen.paused_at = now
+            self.stats.paused_total += 1
+        elif now - gen.paused_at > self._stall_s and not gen.cancelled:
+            log.warning("%s: a consumer read nothing for %.0f s; its generation is cancelled",
+                        self.model_id, self._stall_s)
+            self.stats.stalled_total += 1
+            gen.cancelled = True  # released at the next step
+        return True
 
     def _masks(self, guided: list[Choice]) -> dict[int, npt.NDArray[np.bool_]]:
         """The grammar masks of a step's constrained choices, filled in parallel."""
@@ -465,6 +511,7 @@ class ChatEngine:
 
     def _emit(self, choice: Choice, delta: ChatDelta) -> None:
         gen = choice.generation
+        gen.emitted += 1
         self._post(self._deliver, gen, delta)
         if delta.finish_reason is not None and gen.finished:
             self._post(self._close, gen, "completed", None)

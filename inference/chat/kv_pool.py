@@ -13,12 +13,18 @@ used part copied) when a new sequence needs more rows or a longer `cap`, and dro
 sequence runs. Decode cost follows each row's own length, not `cap` (measured: 10.4 ms per
 step at cap 512 and 10.7 ms at cap 8192, SmolLM2 int8, one row).
 
+The buffer is anonymous memory the OS fills a page at a time, so what it costs is what was
+written (`resident_bytes`, counted by the kernel), not its size. Rows that no sequence and no
+prompt-cache entry holds give their pages back (`trim`).
+
 Accounting (`fits`, `add`) happens on the event loop between device rounds; everything that
 touches the buffer happens on the device thread.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +63,8 @@ class KVPool:
         self.spare_rows = spare_rows
         self.budget_tokens = budget_bytes // layout.bytes_per_token
         self.buffer: npt.NDArray[np.generic] | None = None
+        self._memory: mmap.mmap | None = None  # the buffer's pages
+        self._written: set[int] = set()  # rows that may hold pages
         self.reserved: list[int] = []  # per row in use: tokens reserved
         self.used: list[int] = []  # per row in use: tokens written
         self.reshapes = 0
@@ -106,6 +114,7 @@ class KVPool:
         `ensure`, on the device thread."""
         self.reserved.append(need)
         self.used.append(0)
+        self._written.add(len(self.reserved) - 1)
         return len(self.reserved) - 1
 
     def ensure(self, kept: list[tuple[int, int]] | None = None) -> list[int | None]:
@@ -119,8 +128,8 @@ class KVPool:
         cap = self._target_cap(max(self.reserved), n)
         rows = max(n, min(self.max_rows + self.spare_rows, self.budget_tokens // cap))
         layout = self.layout
-        fresh = _allocate((layout.tensors, rows, layout.kv_heads, cap, layout.head_size),
-                          layout.dtype)
+        memory, fresh = _allocate((layout.tensors, rows, layout.kv_heads, cap,
+                                   layout.head_size), layout.dtype)
         moved: list[int | None] = []
         if self.buffer is not None:
             for row, used in enumerate(self.used):
@@ -133,7 +142,8 @@ class KVPool:
                     fresh[:, target, :, :length] = self.buffer[:, row, :, :length]
                 moved.append(target)
             self.reshapes += 1
-        self.buffer = fresh
+        self.buffer, self._memory = fresh, memory
+        self._written = set(range(n)) | {m for m in moved if m is not None}
         self.views.clear()
         return moved or [None] * len(kept)
 
@@ -152,8 +162,32 @@ class KVPool:
 
     def free(self) -> None:
         """Give the memory back (nothing runs and nothing is kept)."""
-        self.buffer = None
+        self.buffer = self._memory = None
+        self._written.clear()
         self.views.clear()
+
+    def trim(self, held: set[int]) -> None:
+        """Device thread: give back the pages of every row that neither a running sequence
+        nor `held` (the prompt cache's rows) needs."""
+        if self.buffer is None or self._memory is None:
+            return
+        keep = held | set(range(len(self.reserved)))
+        base = self.buffer.ctypes.data
+        for row in sorted(self._written - keep):
+            for block in self.buffer[:, row]:  # one contiguous block per key or value tensor
+                start = -(-(block.ctypes.data - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+                end = (block.ctypes.data - base + block.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > start:
+                    # shared anonymous memory: REMOVE frees the pages (DONTNEED would only
+                    # unmap them)
+                    self._memory.madvise(mmap.MADV_REMOVE, start, end - start)
+            self._written.discard(row)
+
+    def resident_bytes(self) -> int:
+        """What the buffer holds in memory now, page by page (the kernel's count)."""
+        if self.buffer is None:
+            return 0
+        return _resident(self.buffer.ctypes.data, self.buffer.nbytes)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Device thread: copy the first `length` positions of row `src` into row `dst`
@@ -161,6 +195,7 @@ class KVPool:
         assert self.buffer is not None
         if length and src != dst:
             self.buffer[:, dst, :, :length] = self.buffer[:, src, :, :length]
+        self._written.add(dst)
         if dst < len(self.used):
             self.used[dst] = length
 
@@ -169,14 +204,32 @@ class KVPool:
         bpt = self.layout.bytes_per_token
         return {"budget_bytes": self.budget_bytes, "allocated_bytes": self.allocated_bytes,
                 "reserved_bytes": sum(self.reserved) * bpt, "used_bytes": sum(self.used) * bpt,
+                "resident_bytes": self.resident_bytes(),
                 "rows": self.rows, "rows_in_use": self.in_use, "cap_tokens": self.cap,
                 "bytes_per_token": bpt, "reshapes": self.reshapes}
 
 
-def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[np.generic]:
+def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any]
+              ) -> tuple[mmap.mmap, npt.NDArray[np.generic]]:
     """Anonymous memory the OS zero-fills a page at a time, as positions are first written,
     so a row costs memory for what it holds. numpy's own allocator asks for transparent huge
     pages on large arrays; then writing one position of a row zero-fills 2 MiB, and a reshape
     that copied 4 short rows into a 2 GiB buffer took 2.1 s instead of 17 ms (measured here)."""
     size = max(1, int(np.prod(shape)) * dtype.itemsize)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
+    memory = mmap.mmap(-1, size)
+    return memory, np.frombuffer(memory, dtype=dtype).reshape(shape)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _resident(address: int, size: int) -> int:
+    """Bytes of [address, address + size) in memory now: mincore(2), page by page."""
+    first = address // mmap.PAGESIZE * mmap.PAGESIZE
+    pages = -(-(address + size - first) // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    if _libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(pages * mmap.PAGESIZE),
+                     vector) != 0:
+        return size  # cannot tell: count all of it
+    resident = np.frombuffer(bytes(vector), dtype=np.uint8) & 1
+    return int(resident.sum()) * mmap.PAGESIZE

@@ -62,6 +62,7 @@ class PromptCache:
 
     chunk: int
     enabled: bool = True
+    max_tokens: int = 1 << 62  # what entries may hold together (the engine's byte cap)
     entries: list[CacheEntry] = field(default_factory=list)
     stats: CacheStats = field(default_factory=CacheStats)
     _clock: int = 0
@@ -110,6 +111,11 @@ class PromptCache:
                 self.entries.remove(entry)
         self.entries.append(CacheEntry(tokens, row, self._tick(), scope))
         self._count()
+        while self.stats.tokens_held > self.max_tokens:  # the oldest go; their rows are
+            oldest = self.least_recent()  # trimmed by the engine
+            if oldest is None:
+                break
+            self.remove(oldest, evicted=True)
 
     def touch(self, entry: CacheEntry) -> None:
         entry.used_at = self._tick()
@@ -135,7 +141,7 @@ class PromptCache:
         """A sequence of `scope` leaves running row `row` (of `running`): keep its prompt's KV
         as an entry, out of the running rows (the pool then moves its last running row in)."""
         tokens = self.keepable(prompt, pool.used[row])
-        if not tokens:
+        if not tokens or len(tokens) > self.max_tokens:
             return
         target = row  # the last running row is the first spare one next
         if row != running - 1:

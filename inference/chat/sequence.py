@@ -62,6 +62,11 @@ class Generation:
         prompt-cache entries it may reuse and leaves (see prompt_cache)."""
         self.prompts = prompts
         self.cache_scope = cache_scope
+        # deltas the engine emitted (device thread) and the consumer received (event loop);
+        # plain counters, each written by one side only
+        self.emitted = 0
+        self.received = 0
+        self.paused_at: float | None = None  # device thread: since when it waits for a reader
         self.max_tokens = max_tokens
         self.send = send
         self.cancelled = False  # set by the consumer's side, or by stop_all

@@ -68,6 +68,7 @@ class GenerationStream(DeltaStream):
         item = await self._receive.receive()
         if isinstance(item, InferenceError):
             raise item
+        self._gen.received += 1  # a paused generation resumes once its reader catches up
         return item
 
     def close(self) -> None:
