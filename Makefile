@@ -42,6 +42,8 @@ bench: prepare
 	$(BIN)/python benchmarks/prompt_cache.py
 	$(BIN)/python benchmarks/structured.py
 	$(BIN)/python benchmarks/embeddings.py
+	$(BIN)/python benchmarks/batch_invariance.py
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -131,10 +131,14 @@ async def soak(base: str, pid: int, minutes: float, seed: int) -> dict[str, Any]
     warmup = min(WARMUP_S, minutes * 30)  # a short run judges its second half
     settled = [s["rss_mib"] for s in samples if s["t_s"] >= warmup]
     low, high = min(settled), max(settled)
+    late = [s["rss_mib"] for s in samples if s["t_s"] >= minutes * 30]
     return {"minutes": minutes, "warmup_s": warmup, "samples": samples, "requests": counts,
             "rss_after_warmup_mib": [round(low, 1), round(high, 1)],
             "rss_spread_after_warmup": (high - low) / low,
-            "flat_within_10pct": (high - low) / low <= 0.10}
+            "flat_within_10pct": (high - low) / low <= 0.10,
+            # once the caches are full (they fill to their caps over the first minutes)
+            "rss_second_half_mib": [round(min(late), 1), round(max(late), 1)],
+            "rss_spread_second_half": (max(late) - min(late)) / min(late)}
 
 
 def main() -> int:
@@ -150,8 +154,9 @@ def main() -> int:
     low, high = result["rss_after_warmup_mib"]
     print(f"soak: RSS after the first {result['warmup_s']:.0f} s: {low}-{high} MiB, spread "
           f"{result['rss_spread_after_warmup']:.1%} (target <= 10%: "
-          f"{'met' if result['flat_within_10pct'] else 'NOT met'}); requests "
-          f"{result['requests']}")
+          f"{'met' if result['flat_within_10pct'] else 'NOT met'}); second half "
+          f"{result['rss_second_half_mib'][0]}-{result['rss_second_half_mib'][1]} MiB, spread "
+          f"{result['rss_spread_second_half']:.1%}; requests {result['requests']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
