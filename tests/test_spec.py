@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,12 +49,22 @@ def test_sampling_defaults_from_the_search_section(
     assert ChatModelSpec.from_folder(folder).sampling == expected
 
 
-def test_invalid_search_section_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
+def _with_genai_config(phi3_dir: Path, tmp_path: Path,
+                       edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the fixture folder whose genai_config.json went through `edit`."""
     folder = tmp_path / "m"
     shutil.copytree(phi3_dir, folder)
     cfg = json.loads((folder / "genai_config.json").read_text())
-    cfg["search"]["do_sample"], cfg["search"]["temperature"] = True, "hot"
+    edit(cfg)
     (folder / "genai_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_invalid_search_section_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
+    def hot(cfg: dict[str, Any]) -> None:
+        cfg["search"]["do_sample"], cfg["search"]["temperature"] = True, "hot"
+
+    folder = _with_genai_config(phi3_dir, tmp_path, hot)
     with pytest.raises(ModelLoadError, match="search section"):
         ChatModelSpec.from_folder(folder)
 
@@ -89,12 +101,11 @@ def test_corrupt_config_is_a_load_error(phi3_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("filename", ["/etc/hostname", "../outside.onnx"])
 def test_a_model_file_named_outside_the_folder_is_refused(phi3_dir: Path, tmp_path: Path,
                                                           filename: str) -> None:
-    folder = tmp_path / "m"
-    shutil.copytree(phi3_dir, folder)
+    def elsewhere(cfg: dict[str, Any]) -> None:
+        cfg["model"]["decoder"]["filename"] = filename
+
+    folder = _with_genai_config(phi3_dir, tmp_path, elsewhere)
     shutil.copyfile(folder / "model.onnx", tmp_path / "outside.onnx")
-    config = json.loads((folder / "genai_config.json").read_text())
-    config["model"]["decoder"]["filename"] = filename
-    (folder / "genai_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="points outside the folder"):
         ChatModelSpec.from_folder(folder)
 
