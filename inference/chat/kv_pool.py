@@ -169,8 +169,8 @@ class KVPool:
     def trim(self, held: set[int]) -> None:
         """Device thread: give back the pages of every row that neither a running sequence
         nor `held` (the prompt cache's rows) needs."""
-        if self.buffer is None or self._memory is None:
-            return
+        if self.buffer is None or self._memory is None or _RELEASE is None:
+            return  # no such advice on this OS: pages go back when the buffer is dropped
         keep = held | set(range(len(self.reserved)))
         base = self.buffer.ctypes.data
         for row in sorted(self._written - keep):
@@ -178,9 +178,7 @@ class KVPool:
                 start = -(-(block.ctypes.data - base) // mmap.PAGESIZE) * mmap.PAGESIZE
                 end = (block.ctypes.data - base + block.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
                 if end > start:
-                    # shared anonymous memory: REMOVE frees the pages (DONTNEED would only
-                    # unmap them)
-                    self._memory.madvise(mmap.MADV_REMOVE, start, end - start)
+                    self._memory.madvise(_RELEASE, start, end - start)
             self._written.discard(row)
 
     def resident_bytes(self) -> int:
@@ -220,16 +218,22 @@ def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any]
     return memory, np.frombuffer(memory, dtype=dtype).reshape(shape)
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# Shared anonymous memory (what mmap(-1) gives): MADV_REMOVE frees its pages, where
+# MADV_DONTNEED would only unmap them. Linux only; elsewhere nothing is released early.
+_RELEASE: int | None = getattr(mmap, "MADV_REMOVE", None)
+_LIBC_NAME = ctypes.util.find_library("c")
+_mincore = getattr(ctypes.CDLL(_LIBC_NAME), "mincore", None) if _LIBC_NAME else None
 
 
 def _resident(address: int, size: int) -> int:
-    """Bytes of [address, address + size) in memory now: mincore(2), page by page."""
+    """Bytes of [address, address + size) in memory now: mincore(2), page by page (all of
+    it where the OS cannot tell)."""
+    if _mincore is None:
+        return size
     first = address // mmap.PAGESIZE * mmap.PAGESIZE
     pages = -(-(address + size - first) // mmap.PAGESIZE)
     vector = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(ctypes.c_void_p(first), ctypes.c_size_t(pages * mmap.PAGESIZE),
-                     vector) != 0:
+    if _mincore(ctypes.c_void_p(first), ctypes.c_size_t(pages * mmap.PAGESIZE), vector) != 0:
         return size  # cannot tell: count all of it
     resident = np.frombuffer(bytes(vector), dtype=np.uint8) & 1
     return int(resident.sum()) * mmap.PAGESIZE
