@@ -121,7 +121,8 @@ def first_chat_model(base_url: str, api_key: str | None) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="npugate chat", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="npugate chat", description=__doc__.split("\n")[0],
+                                 allow_abbrev=False)
     ap.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     ap.add_argument("--model", help="chat model id (default: the server's first)")
     ap.add_argument("--sse", action="store_true", help="stream over SSE, not the WebSocket")

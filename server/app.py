@@ -153,7 +153,9 @@ def _register_access_hooks(app: Quart, settings: Settings) -> None:
                 raise unauthorized(provided=header is not None)
             g.cache_scope = scope
         if request.method == "POST" and not is_json(request.headers.get("Content-Type")) \
+                and request.routing_exception is None \
                 and not request.path.startswith("/v1/admin/"):  # those read no body
+            # (an unknown path gets its 404, whatever it sends)
             # Form and text/plain bodies are what a foreign page can send without a preflight.
             raise APIError(415, "the request body must be JSON, sent with 'Content-Type: "
                            "application/json'", code="unsupported_media_type")

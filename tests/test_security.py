@@ -331,3 +331,16 @@ async def test_socket_conversations_use_their_key_s_cache(phi3: ChatModel) -> No
         assert await _socket_cached_tokens(app, KEY) == 0
         assert await _socket_cached_tokens(app, KEY) >= 128
         assert await _socket_cached_tokens(app, "sk-other") == 0
+
+
+async def test_an_unknown_path_is_404_whatever_the_body(locked: Quart) -> None:
+    resp = await locked.test_client().post("/v1/nope", data="not json",
+                                           headers={"Authorization": f"Bearer {KEY}",
+                                                    "Content-Type": "text/plain"})
+    assert resp.status_code == 404
+    assert (await resp.get_json())["error"]["code"] == "not_found"
+
+
+async def test_the_chat_page_asks_for_no_favicon(locked: Quart) -> None:
+    page = await (await locked.test_client().get("/")).get_data(as_text=True)
+    assert '<link rel="icon" href="data:,">' in page  # browsers then request none
