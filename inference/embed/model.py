@@ -64,8 +64,11 @@ class EmbeddingModel:
         """Add the model's special tokens around caller-supplied token ids."""
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise InvalidInput(f"token id {bad[0]} is outside this model's vocabulary "
-                               f"(0..{self.vocab_size - 1})", param="input")
+            raise InvalidInput(
+                f"token id {bad[0]} is outside this model's vocabulary (0..{self.vocab_size - 1})"
+                ": these ids were not made by its tokenizer, so send the text instead. "
+                "LangChain's OpenAIEmbeddings sends OpenAI's own (tiktoken) ids unless it is "
+                "given check_embedding_ctx_length=False", param="input")
         return [*self._prefix, *ids, *self._suffix]
 
     def check_text_size(self, text: str, index: int) -> None:
