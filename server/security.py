@@ -55,7 +55,7 @@ class APIKeys:
         ok = False
         for key in self._keys:  # no early exit: timing does not reveal which key matched
             ok |= hmac.compare_digest(given, key)
-        return key_scope(given.decode()) if ok else None
+        return key_scope(candidate or "") if ok else None
 
     def check(self, candidate: str | None) -> bool:
         return self.scope(candidate) is not None

@@ -189,7 +189,8 @@ hostile_schemas = st.one_of(
         lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]}),
     st.sampled_from([{"$ref": "#"}, {"type": "object", "properties": {"x": {"$ref": "#"}},
                                      "required": ["x"]},
-                     {"type": "array", "minItems": 1, "items": {"$ref": "#"}}]),
+                     {"type": "array", "minItems": 1, "items": {"$ref": "#"}},
+                     {"type": "object", "properties": {"a": {}}, "required": [{}, [], "a"]}]),
     st.sampled_from(["^(a|aa)*$", "^(a{1,50}){1,50}$", "^[a-z]{1000}$", "^(.*a){20}$",
                      "^((a+)+)+b$"]).map(lambda p: {"type": "string", "pattern": p}),
 )

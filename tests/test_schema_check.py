@@ -40,6 +40,8 @@ def _nested(levels: int) -> dict[str, Any]:
      "$ref": "#/$defs/link"},  # a linked list ends in null
     {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
     {"type": "number", "minimum": 1e40},  # floats are not held in 64-bit integers
+    # whatever a client puts in `required` (once a TypeError: a 500)
+    {"type": "object", "properties": {"a": {"type": "string"}}, "required": [{}, 1, "a"]},
 ])
 def test_what_sdks_write_passes(schema: dict[str, Any]) -> None:
     check_schema(schema, param="response_format")

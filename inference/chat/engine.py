@@ -117,19 +117,19 @@ class ChatEngine:
                  prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
                  on_run: RunObserver | None = None, stall_s: float = STALL_S) -> None:
         self.model = model
-        self._stall_s = stall_s
         self.model_id = model.spec.model_id
         self.stats = EngineStats()
         self.pool = KVPool(model.kv_layout(), budget_bytes=kv_budget_bytes,
                            max_rows=max_running, spare_rows=max_running if prompt_cache else 0)
         self.cache = PromptCache(chunk=prefill_chunk, enabled=prompt_cache,
-                                 max_tokens=prompt_cache_bytes // model.kv_layout().bytes_per_token)
+                                 max_tokens=prompt_cache_bytes // self.pool.layout.bytes_per_token)
         self.on_run = on_run
         self._max_running = max_running
         self._max_waiting = max_waiting
         self._round_s = round_s
         self._prefill_chunk = prefill_chunk
         self._default_max_tokens = default_max_tokens  # when a request sets none
+        self._stall_s = stall_s  # a generation paused this long is cancelled
         self._rows: list[Choice] = []  # the running choices; choice i holds pool row i
         self._waiting: deque[Generation] = deque()
         self._device = anyio.CapacityLimiter(1)

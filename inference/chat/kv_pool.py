@@ -182,10 +182,13 @@ class KVPool:
             self._written.discard(row)
 
     def resident_bytes(self) -> int:
-        """What the buffer holds in memory now, page by page (the kernel's count)."""
-        if self.buffer is None:
+        """What the buffer holds in memory now, page by page (the kernel's count). Read on
+        the event loop while the device thread may replace the buffer: one reference, held
+        for the call, keeps its pages mapped."""
+        buffer = self.buffer
+        if buffer is None:
             return 0
-        return _resident(self.buffer.ctypes.data, self.buffer.nbytes)
+        return _resident(buffer.ctypes.data, buffer.nbytes)
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Device thread: copy the first `length` positions of row `src` into row `dst`

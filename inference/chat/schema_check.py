@@ -39,8 +39,7 @@ def check_schema(schema: Any, *, param: str) -> None:
         props = sub.get("properties")
         if isinstance(props, dict):
             total += len(props)
-            required = sub.get("required")
-            optional = len(set(props) - set(required if isinstance(required, list) else ()))
+            optional = len(set(props) - _required(sub))
             if optional > MAX_OPTIONAL_PROPERTIES:
                 raise InvalidInput(
                     f"an object in the schema has {optional} optional properties; this server "
@@ -84,8 +83,17 @@ def _subschemas(schema: Any) -> list[dict[str, Any]]:
 
 def _types(sub: dict[str, Any]) -> set[str]:
     kind = sub.get("type")
-    return {kind} if isinstance(kind, str) else {t for t in kind if isinstance(t, str)} \
-        if isinstance(kind, list) else set()
+    if isinstance(kind, str):
+        return {kind}
+    if isinstance(kind, list):
+        return {t for t in kind if isinstance(t, str)}
+    return set()
+
+
+def _required(sub: dict[str, Any]) -> set[str]:
+    """The names an object schema requires (a client may send anything in the list)."""
+    names = sub.get("required")
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
 def _can_end(root: Any) -> bool:
@@ -134,10 +142,9 @@ def _ends(sub: Any, ends: dict[str, bool]) -> bool:
 def _kind_ends(kind: str, sub: dict[str, Any], ends: dict[str, bool]) -> bool:
     if kind == "object":
         props = sub.get("properties")
-        required = sub.get("required")
-        if not isinstance(props, dict) or not isinstance(required, list):
+        if not isinstance(props, dict):
             return True
-        return all(_ends(props[name], ends) for name in required if name in props)
+        return all(_ends(props[name], ends) for name in _required(sub) if name in props)
     if kind == "array":
         least = sub.get("minItems", 0)
         return not (isinstance(least, int) and least > 0) or _ends(sub.get("items", True), ends)
