@@ -133,7 +133,8 @@ def padding_cost(model: ChatModel, steps: int, rounds: int) -> dict[str, float]:
             for _ in range(steps):
                 model.decode(pool, [1] * n)
             times[n].append((time.perf_counter() - start) / steps * 1e3)
-            pool.used[:] = [len(prompt)] * 2
+            for row in range(2):
+                pool.set_length(row, len(prompt))
     one, two = statistics.median(times[1]), statistics.median(times[2])
     return {"step_ms_one_row": one, "step_ms_two_rows": two, "padded_vs_lone": two / one}
 

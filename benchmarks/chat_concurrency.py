@@ -44,6 +44,7 @@ from inference.chat.engine import ChatEngine  # noqa: E402
 from inference.chat.kv_pool import KVPool  # noqa: E402
 from inference.chat.model import ChatModel  # noqa: E402
 from inference.chat.sampling import SamplingParams  # noqa: E402
+from inference.limits import ChatLimits  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16)
@@ -88,7 +89,7 @@ def engine_levels(model: ChatModel, max_tokens: int, repeats: int,
         return streams * max_tokens / (time.perf_counter() - start)
 
     async def main() -> None:
-        engine = ChatEngine(model, max_running=max(levels))
+        engine = ChatEngine(model, ChatLimits(max_running=max(levels)))
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             await level(engine, 1)  # warm-up

@@ -37,6 +37,7 @@ from inference.chat.model import ChatModel  # noqa: E402
 from inference.chat.sampling import SamplingParams  # noqa: E402
 from inference.embed.batcher import EmbeddingBatcher  # noqa: E402
 from inference.embed.model import EmbeddingModel  # noqa: E402
+from inference.limits import ChatLimits  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 from inference.prepare.recipes import RECIPES, build_model  # noqa: E402
 
@@ -79,7 +80,7 @@ def measure(models_dir: Path) -> tuple[dict[str, Any], dict[str, float], np.ndar
 
 
 async def _greedy(model: ChatModel) -> str:
-    engine = ChatEngine(model, max_running=4)
+    engine = ChatEngine(model, ChatLimits(max_running=4))
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)
         stream = await engine.start(PROMPT, SamplingParams(temperature=0, max_tokens=40))
@@ -126,7 +127,7 @@ async def _chat_ratio(model: ChatModel) -> float:
     for _ in range(47):
         logits = model.forward(cache, [int(np.argmax(logits))])
     plain = 48 / (time.perf_counter() - start)
-    engine = ChatEngine(model, max_running=4, prompt_cache=False)
+    engine = ChatEngine(model, ChatLimits(max_running=4, prompt_cache=False))
     tokens = 0
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)

@@ -41,11 +41,12 @@ from benchmarks.served import (  # noqa: E402
 from inference.chat.model import ChatModel  # noqa: E402
 from inference.errors import ContextTooLong  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
-from server.errors import APIError  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
-from server.protocol import EmbeddingRequest, parse_json_body, parse_model  # noqa: E402
-from server.registry import ModelRegistry  # noqa: E402
-from server.serving_chat import ChatService  # noqa: E402
+from server.core.errors import APIError  # noqa: E402
+from server.core.http import parse_json_body  # noqa: E402
+from server.core.metrics import Metrics  # noqa: E402
+from server.core.registry import ModelRegistry  # noqa: E402
+from server.openai.chat import ChatService  # noqa: E402
+from server.openai.wire import EmbeddingRequest, parse_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 MIB = 1024 * 1024
@@ -73,7 +74,8 @@ def _chat_body(n: int, content: str = "hi") -> bytes:
 
 
 def admission(model: ChatModel, max_messages: int, body_limit: int) -> dict[str, Any]:
-    service = ChatService(ModelRegistry(), Metrics(ModelRegistry()), max_messages=1 << 30)
+    service = ChatService(ModelRegistry(), Metrics(ModelRegistry()), max_messages=1 << 30,
+                          max_tokens_limit=Settings().max_tokens_limit)
     ctx = model.spec.context_length
 
     def encode(body: bytes) -> list[int]:
@@ -98,7 +100,8 @@ def admission(model: ChatModel, max_messages: int, body_limit: int) -> dict[str,
     # Bodies at the size limit, shaped to cost the most.
     tiny = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": ""}] * (
         body_limit // len(b'{"role":"user","content":""},'))})
-    limited = ChatService(ModelRegistry(), Metrics(ModelRegistry()), max_messages=max_messages)
+    limited = ChatService(ModelRegistry(), Metrics(ModelRegistry()), max_messages=max_messages,
+                          max_tokens_limit=Settings().max_tokens_limit)
 
     def refused(b: bytes) -> None:
         try:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from inference.chat.engine import ChatEngine  # noqa: E402
 from inference.chat.model import ChatModel  # noqa: E402
+from inference.limits import ChatLimits  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
@@ -210,7 +211,7 @@ async def hostile(client: httpx.AsyncClient, timings: Timings, ticker: Ticker) -
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     model = ChatModel.load(Path(args.models_dir) / MODEL)
     timings = Timings()
-    engine = ChatEngine(model, max_running=8, max_waiting=16, on_run=timings)
+    engine = ChatEngine(model, ChatLimits(max_running=8, max_waiting=16), on_run=timings)
     app = create_app(Settings(max_body_bytes=16 * 2**20), engines=[engine])
     ticker = Ticker()
     config = hypercorn.config.Config()

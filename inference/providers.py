@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,12 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from inference.errors import ModelLoadError
+from inference.limits import QnnOptions
 
 log = logging.getLogger(__name__)
 QNN = "QNNExecutionProvider"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((1, 32), (1, 128), (4, 64), (8, 128))
 PARITY_MIN_COSINE = 0.999
 _qnn_lock = threading.Lock()
 
@@ -172,15 +171,6 @@ class QnnEncoderSession(EncoderSession):
         self.runs_by_provider[QNN] = self.runs_by_provider.get(QNN, 0) + 1
         out = session.run(None, self.feeds(padded_ids, padded_mask))[0]
         return np.asarray(out[:b, :s] if out.ndim == 3 else out[:b], dtype=np.float32)
-
-
-@dataclass
-class QnnOptions:
-    """How to build QNN buckets."""
-
-    buckets: Sequence[tuple[int, int]] = DEFAULT_BUCKETS
-    max_npu_batch: int = 8
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def load_encoder_session(path: Path, *, device: str = "cpu", cache_dir: Path | None = None,

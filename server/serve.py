@@ -18,8 +18,8 @@ from quart import Quart
 
 from inference.errors import BackendUnavailable
 from server.app import create_app
+from server.core.state import AppState
 from server.settings import Settings
-from server.state import AppState
 
 log = logging.getLogger(__name__)
 FLUSH_S = 2.0  # time for streams to write their final events after stop_all

@@ -1,35 +1,30 @@
-"""Server configuration: one frozen dataclass, filled from flags and environment variables."""
+"""Server configuration: one frozen dataclass, filled from flags and environment variables.
+
+Every default is declared once: the engines' limits in `inference.limits` (which these fields
+take theirs from), the server's own here. The command line takes its defaults from here.
+This module imports nothing heavy: `npugate prepare` and `--help` load no runtime."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from inference.chat.engine import (
-    DEFAULT_KV_BUDGET,
-    DEFAULT_PREFILL_CHUNK,
-    DEFAULT_PROMPT_CACHE_BYTES,
-)
+from inference.limits import ChatLimits, EmbeddingLimits, QnnOptions
 from inference.prepare import default_models_dir
-from inference.providers import DEFAULT_BUCKETS, QnnOptions
+
+_CHAT = ChatLimits()
+_EMBEDDING = EmbeddingLimits()
+_QNN = QnnOptions()
 
 
 @dataclass(frozen=True)
-class EngineLimits:
-    """Per-model scheduling limits, from Settings: what loading a model builds it with."""
+class ModelLimits:
+    """What loading a model builds its engine with, from Settings."""
 
-    max_running: int = 8
-    max_waiting: int = 16
-    max_tokens_limit: int = 4096
-    kv_budget_bytes: int = DEFAULT_KV_BUDGET
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    prompt_cache: bool = True
-    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES
-    embedding_device: str = "auto"
-    embedding_max_batch: int = 32
-    embedding_batch_tokens: int = 16384
-    embedding_max_queued: int = 2048
-    qnn: QnnOptions = field(default_factory=QnnOptions)
+    chat: ChatLimits
+    embedding: EmbeddingLimits
+    embedding_device: str
+    qnn: QnnOptions
     qnn_cache_dir: Path | None = None
 
 
@@ -43,39 +38,39 @@ class Settings:
     chat_models: tuple[Path, ...] = ()
     embedding_models: tuple[Path, ...] = ()
     embedding_device: str = "auto"  # auto | cpu | qnn
-    embedding_max_batch: int = 32  # 1 turns batching off
-    embedding_batch_tokens: int = 16384
-    embedding_max_queued: int = 2048
+    embedding_max_batch: int = _EMBEDDING.max_batch_size  # 1 turns batching off
+    embedding_batch_tokens: int = _EMBEDDING.max_batch_tokens
+    embedding_max_queued: int = _EMBEDDING.max_queued_inputs
     embedding_max_inputs: int = 2048
     embedding_cache_mib: int = 64  # LRU of vectors by model and input; 0 turns it off
-    # Models on demand (README): idle models unload after keep_alive_s (negative: never);
-    # loaded models stay within memory_budget_mib (0: no budget); a request waits at most
-    # load_timeout_s for its model to load (503 with Retry-After after that)
+    # Models on demand (docs/configuration.md): idle models unload after keep_alive_s
+    # (negative: never); loaded models stay within memory_budget_mib (0: no budget); a
+    # request waits at most load_timeout_s for its model to load (503 with Retry-After after)
     keep_alive_s: float = 300.0
     memory_budget_mib: int = 0
     load_timeout_s: float = 60.0
     admin_keys: tuple[str, ...] = ()  # keys for /v1/admin/*; empty: those endpoints are off
-    qnn_buckets: tuple[tuple[int, int], ...] = DEFAULT_BUCKETS
-    qnn_max_batch: int = 8
+    qnn_buckets: tuple[tuple[int, int], ...] = tuple(_QNN.buckets)
+    qnn_max_batch: int = _QNN.max_npu_batch
     models_dir: Path = field(default_factory=default_models_dir)
-    max_running_per_model: int = 16  # benchmarks/chat_concurrency.py (README: Limits)
-    kv_budget_mib: int = DEFAULT_KV_BUDGET // 2**20  # per chat model (README: KV cache)
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per prefill run
-    prompt_cache: bool = True  # keep prompt prefixes in the KV pool for the next turn
-    prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_BYTES // 2**20  # of the KV budget, at most
-    max_waiting_per_model: int = 56  # benchmarks/limits.py: the back starts within 30 s
+    max_running_per_model: int = _CHAT.max_running  # choices decoding at once
+    kv_budget_mib: int = _CHAT.kv_budget_bytes // 2**20  # per chat model
+    prefill_chunk: int = _CHAT.prefill_chunk  # prompt tokens per prefill run
+    prompt_cache: bool = _CHAT.prompt_cache  # keep prompt prefixes in the KV pool
+    prompt_cache_mib: int = _CHAT.prompt_cache_bytes // 2**20  # of the KV budget, at most
+    max_waiting_per_model: int = _CHAT.max_waiting
     max_body_bytes: int = 4 * 1024 * 1024
     # URL plus headers; larger gets 431. Hypercorn buffers up to 8x this (see serve.py).
     max_header_bytes: int = 32 * 1024
     max_messages: int = 2048  # per chat request; also content parts (benchmarks/limits.py)
-    max_tokens_limit: int = 4096  # cap on max_tokens, and the default when a request omits it
+    max_tokens_limit: int = _CHAT.max_tokens_limit  # cap, and default when a request omits it
     # Idle connections (and trickled headers) close after this. Above the 5 s idle expiry of
     # httpx and the OpenAI SDKs, so a client never reuses a connection the server is closing.
     keep_alive_timeout_s: float = 15.0
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 otherwise)
     sse_ping_interval_s: float = 15.0
     ws_max_message_bytes: int = 4 * 1024 * 1024  # as max_body_bytes; larger: an error event
-    ws_max_conversations: int = 16  # per socket, as max_running (benchmarks/limits.py)
+    ws_max_conversations: int = _CHAT.max_running  # per socket, as max_running
     ws_send_queue: int = 256  # messages buffered per socket
     ws_ping_interval_s: float = 20.0
     api_keys: tuple[str, ...] = ()  # empty: no authentication
@@ -85,15 +80,17 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     shutdown_grace_s: float = 30.0  # in-flight work may finish this long after SIGTERM
 
-    def limits(self) -> EngineLimits:
-        return EngineLimits(
-            max_running=self.max_running_per_model, max_waiting=self.max_waiting_per_model,
-            max_tokens_limit=self.max_tokens_limit,
-            kv_budget_bytes=self.kv_budget_mib * 2**20, prefill_chunk=self.prefill_chunk,
-            prompt_cache=self.prompt_cache,
-            prompt_cache_bytes=min(self.prompt_cache_mib, self.kv_budget_mib) * 2**20,
-            embedding_device=self.embedding_device, embedding_max_batch=self.embedding_max_batch,
-            embedding_batch_tokens=self.embedding_batch_tokens,
-            embedding_max_queued=self.embedding_max_queued,
+    def limits(self) -> ModelLimits:
+        return ModelLimits(
+            chat=replace(
+                _CHAT, max_running=self.max_running_per_model,
+                max_waiting=self.max_waiting_per_model, max_tokens_limit=self.max_tokens_limit,
+                kv_budget_bytes=self.kv_budget_mib * 2**20, prefill_chunk=self.prefill_chunk,
+                prompt_cache=self.prompt_cache,
+                prompt_cache_bytes=min(self.prompt_cache_mib, self.kv_budget_mib) * 2**20),
+            embedding=EmbeddingLimits(max_batch_size=self.embedding_max_batch,
+                                      max_batch_tokens=self.embedding_batch_tokens,
+                                      max_queued_inputs=self.embedding_max_queued),
+            embedding_device=self.embedding_device,
             qnn=QnnOptions(buckets=self.qnn_buckets, max_npu_batch=self.qnn_max_batch),
             qnn_cache_dir=self.models_dir / ".qnn-cache")

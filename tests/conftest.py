@@ -1,23 +1,34 @@
-"""Shared fixtures: real models built from registry packages (cached between runs), loaded
-engines, and a real server process on a loopback port."""
+"""Shared fixtures: real models built from registry packages (cached between runs), the
+one engine factory and the one `app` fixture (both read `Settings`, as the server does), and
+a real server process on a loopback port."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 import pytest
+from quart import Quart
 
+from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
+from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.model import EmbeddingModel
 from inference.prepare import default_models_dir
 from inference.prepare.recipes import RECIPES, build_model
+from server.app import create_app
+from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +87,57 @@ def phi3(phi3_dir: Path) -> ChatModel:
     return ChatModel.load(phi3_dir)
 
 
+def chat_engine(model: ChatModel, settings: Settings | None = None, **overrides: Any
+                ) -> ChatEngine:
+    """The engine the server would build for `model` from `settings` (the defaults when
+    None), with `overrides` of its `ChatLimits` on top."""
+    limits = (settings or Settings()).limits().chat
+    return ChatEngine(model, dataclasses.replace(limits, **overrides))
+
+
+def embedding_batcher(model: EmbeddingModel, settings: Settings | None = None,
+                      **overrides: Any) -> EmbeddingBatcher:
+    """The batcher the server would build for `model` (see `chat_engine`)."""
+    limits = (settings or Settings()).limits().embedding
+    return EmbeddingBatcher(model, dataclasses.replace(limits, **overrides))
+
+
+@asynccontextmanager
+async def running(engine: ChatEngine) -> AsyncIterator[ChatEngine]:
+    """`engine`, running in a task group until the block ends."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        yield engine
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serving(settings: Settings | None = None, *, chat: Sequence[ChatModel] = (),
+                  embedding: Sequence[EmbeddingModel] = ()) -> AsyncIterator[Quart]:
+    """The app, started, serving models already loaded, with the engines loading them would
+    build from `settings`."""
+    settings = settings or Settings()
+    app = create_app(settings, engines=[chat_engine(m, settings) for m in chat],
+                     batchers=[embedding_batcher(m, settings) for m in embedding])
+    async with app.test_app():
+        yield app
+
+
+@pytest.fixture
+async def app(request: pytest.FixtureRequest) -> AsyncIterator[Quart]:
+    """The app, served in-process. What it serves comes from the closest `app` marker:
+    `pytest.mark.app(settings={...}, chat=("phi3",), embedding=("bert_tiny",))`, fixture names
+    of models; by default the Phi-3 fixture and bert-tiny under the default settings."""
+    marker = request.node.get_closest_marker("app")
+    options: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
+    chat = [request.getfixturevalue(name) for name in options.get("chat", ("phi3",))]
+    embedding = [request.getfixturevalue(name)
+                 for name in options.get("embedding", ("bert_tiny",))]
+    async with serving(Settings(**options.get("settings", {})), chat=chat,
+                       embedding=embedding) as served:
+        yield served
+
+
 def greedy_reference(model: ChatModel, messages: list[dict[str, str]], max_tokens: int
                      ) -> tuple[str, str]:
     """What a server must answer greedily, taken from the model itself: the plain loop's
@@ -131,6 +193,24 @@ class LiveServer:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+NODE_OPENAI = "7.59.0"  # the official `openai` npm package, pinned
+
+
+@pytest.fixture(scope="session")
+def node_openai() -> Path:
+    """The official Node SDK, installed from the npm registry once and cached."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise RuntimeError("the Node SDK test needs node and npm (apt-get install nodejs npm)")
+    folder = default_models_dir().parent / "node" / f"openai-{NODE_OPENAI}"
+    if not (folder / "node_modules" / "openai" / "package.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund",
+                        "--prefix", str(folder), f"openai@{NODE_OPENAI}"], check=True,
+                       timeout=300)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.model import EmbeddingModel
 from inference.errors import Overloaded
+from inference.limits import EmbeddingLimits
 
 pytestmark = pytest.mark.anyio
 
@@ -47,7 +48,7 @@ async def fake() -> FakeModel:
 
 
 async def test_results_return_in_order_and_requests_share_runs(fake: FakeModel) -> None:
-    batcher = EmbeddingBatcher(fake, max_batch_size=8, max_batch_tokens=1000)  # type: ignore[arg-type]
+    batcher = EmbeddingBatcher(fake, EmbeddingLimits(max_batch_size=8, max_batch_tokens=1000))  # type: ignore[arg-type]
     results: dict[int, list[np.ndarray]] = {}
     async with anyio.create_task_group() as tg:
         await tg.start(batcher.run)
@@ -89,7 +90,7 @@ async def _queued_behind_a_run(fake: FakeModel, batcher: EmbeddingBatcher,
 
 
 async def test_token_budget_and_length_sorting(fake: FakeModel) -> None:
-    batcher = EmbeddingBatcher(fake, max_batch_size=64, max_batch_tokens=600)  # type: ignore[arg-type]
+    batcher = EmbeddingBatcher(fake, EmbeddingLimits(max_batch_size=64, max_batch_tokens=600))  # type: ignore[arg-type]
     await _queued_behind_a_run(fake, batcher, [500, 10, 12, 11, 9, 300, 13])
     for batch in fake.batches:
         assert max(len(x) for x in batch) * len(batch) <= 600
@@ -102,7 +103,8 @@ async def test_a_neighbour_joins_only_when_its_padding_costs_less_than_a_run(
         fake: FakeModel) -> None:
     """The rule in batcher.py: a neighbour joins while the padding it brings is at most a
     run's fixed cost (16 padded tokens); counted in the batcher's stats."""
-    batcher = EmbeddingBatcher(fake, max_batch_size=64, max_batch_tokens=10_000)  # type: ignore[arg-type]
+    limits = EmbeddingLimits(max_batch_size=64, max_batch_tokens=10_000)
+    batcher = EmbeddingBatcher(fake, limits)  # type: ignore[arg-type]
     # 4 x 10 tokens, then 14 (brings 4 x 4 = 16 of padding: joins), then 30 (brings 5 x 16
     # = 80: runs apart)
     await _queued_behind_a_run(fake, batcher, [10, 10, 10, 10, 14, 30])
@@ -129,7 +131,7 @@ async def test_cancelled_request_costs_no_compute(fake: FakeModel) -> None:
 
 
 async def test_full_queue_is_overloaded(fake: FakeModel) -> None:
-    batcher = EmbeddingBatcher(fake, max_queued_inputs=4)  # type: ignore[arg-type]
+    batcher = EmbeddingBatcher(fake, EmbeddingLimits(max_queued_inputs=4))  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         await tg.start(batcher.run)
         fake.gate.clear()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.catalogue import MANIFEST, Catalogue
-from server.registry import without_paths
+from server.core.catalogue import MANIFEST, Catalogue
+from server.core.registry import without_paths
 
 
 def _prepared(folder: Path, model_id: str) -> None:

@@ -1,12 +1,11 @@
 """Client libraries nobody here wrote, against `npugate serve` on a real loopback socket:
-LangChain (`langchain-openai`), LiteLLM and the official Node SDK. The README's snippets for
-them are these calls."""
+LangChain (`langchain-openai`), LiteLLM and the official Node SDK: their answers in depth
+(docs/integrations.md's snippets for them run in tests/test_docs.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,11 @@ import numpy as np
 import pytest
 
 from inference.chat.model import ChatModel
-from inference.prepare import default_models_dir
 from tests.conftest import LiveServer, greedy_reference
 
 SMOL = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
 FRANCE = "What is the capital of France?"
-NODE_OPENAI = "7.59.0"  # the official `openai` npm package, pinned
 
 
 def _direct_embedding(server: LiveServer, text: str) -> np.ndarray:
@@ -127,21 +124,6 @@ console.log(JSON.stringify({ text: whole.choices[0].message.content, streamed, u
                              dims: emb.data[0].embedding.length, first: emb.data[0].embedding[0],
                              error: status }));
 """
-
-
-@pytest.fixture(scope="session")
-def node_openai() -> Path:
-    """The official Node SDK, installed from the npm registry once and cached."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        raise RuntimeError("the Node SDK test needs node and npm (apt-get install nodejs npm)")
-    folder = default_models_dir().parent / "node" / f"openai-{NODE_OPENAI}"
-    if not (folder / "node_modules" / "openai" / "package.json").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund",
-                        "--prefix", str(folder), f"openai@{NODE_OPENAI}"], check=True,
-                       timeout=300)
-    return folder
 
 
 def test_node_sdk(live_server: LiveServer, node_openai: Path, smollm2: ChatModel) -> None:

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from quart import Quart
 
-from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.cache import ENTRY_OVERHEAD, EmbeddingCache
 from inference.embed.model import EmbeddingModel
-from server.app import create_app
 from server.settings import Settings
+from tests.conftest import serving
 
 MODEL = "all-minilm-l6-v2"
 
@@ -56,9 +55,8 @@ def test_a_zero_budget_turns_it_off_and_oversized_entries_are_not_kept() -> None
 
 @pytest.fixture
 async def apps(minilm: EmbeddingModel) -> AsyncIterator[tuple[Quart, Quart]]:
-    cached = create_app(Settings(embedding_cache_mib=1), batchers=[EmbeddingBatcher(minilm)])
-    plain = create_app(Settings(embedding_cache_mib=0), batchers=[EmbeddingBatcher(minilm)])
-    async with cached.test_app(), plain.test_app():
+    async with serving(Settings(embedding_cache_mib=1), embedding=[minilm]) as cached, \
+            serving(Settings(embedding_cache_mib=0), embedding=[minilm]) as plain:
         yield cached, plain
 
 
@@ -82,7 +80,7 @@ async def test_answers_are_identical_with_and_without_the_cache(
     for body in bodies:
         body = {"model": MODEL, **body}
         assert await _post(cached, body) == {**await _post(plain, body)}
-    cache = cached.extensions["npugate"].embeddings.cache
+    cache = cached.extensions["npugate"].embedding_cache
     assert (cache.stats.hits, cache.stats.misses) == (3, 6)  # a repeat within a request misses
     batcher = cached.extensions["npugate"].registry.entries[MODEL].embedding
     assert batcher.stats.inputs_total == 5  # ... but is computed once
@@ -117,8 +115,7 @@ async def test_dimensions_are_cut_after_the_cache(minilm: EmbeddingModel) -> Non
     spec = minilm.spec
     object.__setattr__(spec, "matryoshka", True)
     try:
-        app = create_app(Settings(embedding_cache_mib=1), batchers=[EmbeddingBatcher(minilm)])
-        async with app.test_app():
+        async with serving(Settings(embedding_cache_mib=1), embedding=[minilm]) as app:
             full = await _post(app, {"model": MODEL, "input": "shorten me"})
             short = await _post(app, {"model": MODEL, "input": "shorten me", "dimensions": 8})
         want = np.asarray(full["data"][0]["embedding"][:8])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,30 +14,22 @@ from inference.chat.grammar import json_schema_grammar
 from inference.chat.model import ChatModel
 from inference.chat.sampling import SamplingParams
 from inference.errors import BackendUnavailable, ContextTooLong, InvalidInput, Overloaded
-from tests.conftest import greedy_reference
+from tests.conftest import chat_engine, greedy_reference, running
 
 pytestmark = pytest.mark.anyio
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
 
-async def _engine(model: ChatModel, **kw: Any) -> AsyncIterator[ChatEngine]:
-    engine = ChatEngine(model, **kw)
-    async with anyio.create_task_group() as tg:
-        await tg.start(engine.run)
-        yield engine
-        tg.cancel_scope.cancel()
-
-
 @pytest.fixture
 async def smol_engine(smollm2: ChatModel) -> AsyncIterator[ChatEngine]:
-    async for e in _engine(smollm2):
+    async with running(chat_engine(smollm2)) as e:
         yield e
 
 
 @pytest.fixture
 async def phi3_engine(phi3: ChatModel) -> AsyncIterator[ChatEngine]:
-    async for e in _engine(phi3, max_running=2, max_waiting=2):
+    async with running(chat_engine(phi3, max_running=2, max_waiting=2)) as e:
         yield e
 
 
@@ -104,7 +97,7 @@ async def test_concurrent_streams_interleave(smol_engine: ChatEngine) -> None:
 async def test_deltas_reach_the_consumer_while_the_round_runs(smollm2: ChatModel) -> None:
     # A round that never ends on its own: the deltas must still go out step by step (the
     # event loop is woken as each model run starts), not all at once when the round ends.
-    async for engine in _engine(smollm2, round_s=3600):
+    async with running(chat_engine(smollm2, round_s=3600)) as engine:
         runs_seen: list[int] = []
         params = SamplingParams(temperature=0, max_tokens=40)
         async with await engine.start(STORY, params) as stream:
@@ -163,16 +156,16 @@ async def test_full_queue_is_overloaded(phi3_engine: ChatEngine,
 
 async def test_engine_not_running_is_unavailable(phi3: ChatModel) -> None:
     with pytest.raises(BackendUnavailable):
-        await ChatEngine(phi3).start(FRANCE, SamplingParams())
+        await chat_engine(phi3).start(FRANCE, SamplingParams())
 
 
 async def test_step_failure_reaches_the_consumer(phi3: ChatModel,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    async for engine in _engine(phi3):
+    async with running(chat_engine(phi3)) as engine:
         def broken(*args: object, **kwargs: object) -> None:
             raise RuntimeError("device lost")
         async with await engine.start(FRANCE, SamplingParams(max_tokens=5)) as stream:
-            monkeypatch.setattr(engine.model, "prefill", broken)
+            monkeypatch.setattr(engine.model, "prepare_prefill", broken)
             with pytest.raises(BackendUnavailable, match="device lost"):
                 await stream.receive()
         assert engine.stats.failed_total == 1
@@ -237,14 +230,14 @@ async def test_greedy_batched_equals_alone(model_name: str, tokens: int, gap: fl
     # staggered starts, and different lengths make them leave at different steps
     model: ChatModel = request.getfixturevalue(model_name)
     params = SamplingParams(temperature=0, max_tokens=tokens)
-    async for engine in _engine(model, max_running=8):
+    async with running(chat_engine(model, max_running=8)) as engine:
         alone = [await _picks(engine, m, params) for m in MIXED]
     together: dict[int, list[_Pick]] = {}
 
     async def into(i: int, engine: ChatEngine) -> None:
         together[i] = await _picks(engine, MIXED[i], params, i * gap)
 
-    async for engine in _engine(model, max_running=8):
+    async with running(chat_engine(model, max_running=8)) as engine:
         async with anyio.create_task_group() as tg:
             for i in range(len(MIXED)):
                 tg.start_soon(into, i, engine)
@@ -276,7 +269,7 @@ def test_the_probe_tells_which_builds_are_batch_invariant(smollm2: ChatModel,
 @pytest.mark.parametrize("model_name", ["smollm2", "phi3"])
 async def test_seeded_sampling_ignores_which_mates(model_name: str,
                                                    request: pytest.FixtureRequest) -> None:
-    # What the README promises: with a seed, a choice's text does not depend on which other
+    # What docs/decisions/0001 promises: with a seed, a choice's text does not depend on which other
     # sequences share its steps, how many, or when they join, as long as it is never alone.
     # A companion stream keeps every step at two rows or more.
     model: ChatModel = request.getfixturevalue(model_name)
@@ -284,7 +277,7 @@ async def test_seeded_sampling_ignores_which_mates(model_name: str,
 
     async def seeded_with(companion: list[dict[str, str]], delays: list[float]) -> list[str]:
         out: dict[int, str] = {}
-        async for engine in _engine(model, max_running=8):
+        async with running(chat_engine(model, max_running=8)) as engine:
             endless = SamplingParams(max_tokens=2000, logit_bias=tuple(
                 (eos, -100.0) for eos in model.spec.eos_token_ids))
             async with await engine.start(companion, endless) as keep:
@@ -298,14 +291,14 @@ async def test_seeded_sampling_ignores_which_mates(model_name: str,
     second = await seeded_with(FRANCE, [0, 0.07, 0.01, 0.2])
     assert first == second
     if model.batch_invariant:  # then alone too
-        async for engine in _engine(model, max_running=8):
+        async with running(chat_engine(model, max_running=8)) as engine:
             alone = [await _text(engine, m, params) for m in MIXED]
         assert alone == first
 
 
 async def test_joining_leaving_and_cancelling_mid_stream(smollm2: ChatModel) -> None:
     params = SamplingParams(temperature=0, max_tokens=30)
-    async for engine in _engine(smollm2, max_running=4):
+    async with running(chat_engine(smollm2, max_running=4)) as engine:
         expected = [await _text(engine, m, params) for m in MIXED[:3]]
         results: dict[int, str] = {}
         async with anyio.create_task_group() as tg:
@@ -324,7 +317,7 @@ async def test_joining_leaving_and_cancelling_mid_stream(smollm2: ChatModel) -> 
 
 
 async def test_n_choices_share_one_prefill(phi3: ChatModel) -> None:
-    async for engine in _engine(phi3, max_running=4):
+    async with running(chat_engine(phi3, max_running=4)) as engine:
         greedy = await _text(engine, FRANCE, SamplingParams(temperature=0, max_tokens=12))
         prefills = engine.stats.prefill_runs_total
         async with await engine.start(FRANCE, SamplingParams(temperature=0, max_tokens=12),
@@ -347,15 +340,17 @@ async def test_n_choices_share_one_prefill(phi3: ChatModel) -> None:
 async def test_kv_budget_makes_requests_wait_never_crash(phi3: ChatModel) -> None:
     # room for about one 600-token sequence: the second waits for the first to finish
     per_token = phi3.kv_layout().bytes_per_token
-    async for engine in _engine(phi3, max_running=4, max_waiting=1):
-        engine.pool.budget_tokens = 700
-        engine.pool.budget_bytes = 700 * per_token
+    async with running(chat_engine(phi3, max_running=4, max_waiting=1,
+                                   kv_budget_bytes=700 * per_token)) as engine:
         params = SamplingParams(temperature=0, max_tokens=500)
         first = await engine.start(FRANCE, params)
         with anyio.fail_after(5):
             while engine.running < 1:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         second = await engine.start(FRANCE, params)
+        with anyio.fail_after(5):
+            while engine.waiting < 1:  # noqa: ASYNC110 - held back for KV room
+                await anyio.sleep(0.01)
         with pytest.raises(Overloaded):  # the queue (1) is full
             await engine.start(FRANCE, params)
         async with first, second:
@@ -375,7 +370,7 @@ async def test_kv_budget_makes_requests_wait_never_crash(phi3: ChatModel) -> Non
 
 async def test_disconnect_stops_a_long_prefill_at_the_next_chunk(smollm2: ChatModel) -> None:
     long = [{"role": "user", "content": "Tell me a story. " * 600}]  # ~3000 tokens
-    async for engine in _engine(smollm2, max_running=4):
+    async with running(chat_engine(smollm2, max_running=4)) as engine:
         stream = await engine.start(long, SamplingParams(max_tokens=5))
         with anyio.fail_after(10):
             while engine.stats.prefill_runs_total < 2:  # noqa: ASYNC110
@@ -396,8 +391,8 @@ async def test_prefill_chunks_share_a_slice_between_decode_steps(phi3: ChatModel
     # While a stream decodes, a long prompt is read several chunks per slice (up to 100 ms
     # between decode steps), not one chunk per step.
     runs: list[str] = []
-    engine = ChatEngine(phi3, max_running=4,
-                        on_run=lambda kind, rows, tokens, seconds: runs.append(kind))
+    engine = chat_engine(phi3, max_running=4)
+    engine.on_run = lambda kind, rows, tokens, seconds: runs.append(kind)
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)
         async with await engine.start(FRANCE, SamplingParams(temperature=0,
@@ -438,7 +433,7 @@ async def test_a_full_queue_refuses_before_any_compile(phi3: ChatModel,
     monkeypatch.setattr(phi3.guide, "matchers", counting)
     refusals: list[float] = []
     heavy = _heavy()  # the grammar text, built once: the ten starts come at once
-    async for engine in _engine(phi3, max_running=2, max_waiting=2):
+    async with running(chat_engine(phi3, max_running=2, max_waiting=2)) as engine:
         async def one(engine: ChatEngine) -> None:
             started = time.perf_counter()
             try:
@@ -460,7 +455,7 @@ async def test_a_full_queue_refuses_before_any_compile(phi3: ChatModel,
 
 async def test_clients_leaving_during_compiles_free_the_cpu(phi3: ChatModel) -> None:
     phi3.guide.matchers(json_schema_grammar({"type": "object"}), 1, param="p")  # warm up
-    async for engine in _engine(phi3, max_running=8, max_waiting=16):
+    async with running(chat_engine(phi3, max_running=8, max_waiting=16)) as engine:
         async def leave_early(engine: ChatEngine) -> None:
             with anyio.move_on_after(0.05):
                 async with await engine.start(FRANCE, SamplingParams(max_tokens=1),
@@ -483,9 +478,7 @@ async def test_clients_leaving_during_compiles_free_the_cpu(phi3: ChatModel) -> 
 
 
 async def test_a_consumer_that_stops_reading_pauses_its_generation(phi3: ChatModel) -> None:
-    from inference.chat.engine import UNREAD_PER_CHOICE
-
-    async for engine in _engine(phi3):
+    async with running(chat_engine(phi3)) as engine:
         async with await engine.start(FRANCE, SamplingParams(max_tokens=600)) as stream:
             with anyio.fail_after(10):
                 while engine.stats.paused_total == 0:  # noqa: ASYNC110 - observing
@@ -494,17 +487,80 @@ async def test_a_consumer_that_stops_reading_pauses_its_generation(phi3: ChatMod
             runs = engine.stats.decode_runs_total
             await anyio.sleep(0.3)
             assert engine.stats.decode_runs_total == runs
-            assert runs <= UNREAD_PER_CHOICE + 2  # not 600
+            assert runs <= engine.limits.unread_per_choice + 2  # not 600
             deltas = [d async for d in stream]  # reading resumes it, to the end
         assert len(deltas) == 600 and deltas[-1].finish_reason == "length"
 
 
 async def test_a_consumer_that_never_reads_is_cancelled_after_the_stall_time(phi3: ChatModel
                                                                              ) -> None:
-    async for engine in _engine(phi3, stall_s=0.3):
+    async with running(chat_engine(phi3, stall_s=0.3)) as engine:
         async with await engine.start(FRANCE, SamplingParams(max_tokens=600)):
             with anyio.fail_after(10):
                 while engine.stats.cancelled_total == 0:  # noqa: ASYNC110 - observing
                     await anyio.sleep(0.02)
         assert engine.stats.stalled_total == 1 and engine.running == 0
         assert engine.stats.decode_runs_total <= 70  # not 600
+
+
+class _Watched(list):  # type: ignore[type-arg]
+    """A list that records the threads that read or change it."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.threads: set[int] = set()
+        super().__init__(items)
+
+
+def _watch(name: str) -> Any:
+    def method(self: _Watched, *args: Any) -> Any:
+        self.threads.add(threading.get_ident())
+        return getattr(list, name)(self, *args)
+    return method
+
+
+for _name in ("__iter__", "__getitem__", "__setitem__", "__len__", "append", "pop", "clear"):
+    setattr(_Watched, _name, _watch(_name))
+
+
+async def test_commands_and_rounds_never_share_the_batch_state(phi3: ChatModel) -> None:
+    """Cancel storms and a stop-all while rounds release rows (each release slowed down, so
+    the two overlap): the running rows are only ever touched by the device thread, every
+    stream ends, and every generation is counted once."""
+    async with running(chat_engine(phi3, max_running=8, max_waiting=64)) as engine:
+        rows = _Watched(engine._rows)
+        engine._rows = rows
+        remove = engine.pool.remove
+
+        def slow_remove(row: int) -> int | None:  # rows compact here
+            time.sleep(0.002)
+            return remove(row)
+        engine.pool.remove = slow_remove  # type: ignore[method-assign]
+        params = SamplingParams(temperature=0.8, seed=1, max_tokens=48)
+        outcomes: list[str] = []
+
+        async def one(leave_after: int) -> None:
+            try:
+                async with await engine.start(STORY, params) as stream:
+                    async for delta in stream:
+                        if delta.completion_tokens == leave_after:
+                            outcomes.append("left")  # leaving closes: a cancel command
+                            return
+                outcomes.append("completed")
+            except BackendUnavailable:
+                outcomes.append("stopped")
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for wave in range(4):
+                    for i in range(12):
+                        tg.start_soon(one, 1 + (i * 7 + wave) % 60)
+                    await anyio.sleep(0.05)
+                await anyio.sleep(0.2)
+                engine.stop_all(BackendUnavailable("stopped by the test"))
+            while not engine.idle or engine.pool.in_use:  # noqa: ASYNC110 - observing
+                await anyio.sleep(0.01)
+        assert len(outcomes) == 48 and {"left", "stopped"} <= set(outcomes)
+        assert rows.threads and threading.get_ident() not in rows.threads
+        s = engine.stats
+        assert s.requests_total == s.completed_total + s.cancelled_total + s.failed_total
+        assert engine.running == engine.waiting == 0

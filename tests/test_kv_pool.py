@@ -18,7 +18,7 @@ def _pool(tokens: int, rows: int = 8) -> KVPool:
 def _write(pool: KVPool, row: int, length: int, value: float) -> None:
     assert pool.buffer is not None
     pool.buffer[:, row, :, :length] = value
-    pool.used[row] = length
+    pool.set_length(row, length)
 
 
 def test_fits_counts_rows_and_the_shared_stride() -> None:

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 from quart import Quart
 
-from inference.chat.engine import ChatEngine
-from inference.chat.model import ChatModel
-from inference.embed.batcher import EmbeddingBatcher
-from inference.embed.model import EmbeddingModel
-from server.app import create_app
-from server.settings import Settings
-
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.app(settings={"max_messages": 4, "max_tokens_limit": 64,
+                              "max_body_bytes": 256 * 1024, "max_running_per_model": 1,
+                              "max_waiting_per_model": 1})]
 CHAT = "phi3-tiny-random"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def app(phi3: ChatModel, bert_tiny: EmbeddingModel) -> AsyncIterator[Quart]:
-    settings = Settings(max_messages=4, max_tokens_limit=64, max_body_bytes=256 * 1024)
-    app = create_app(settings, engines=[ChatEngine(phi3, max_running=1, max_waiting=1,
-                                                   default_max_tokens=64)],
-                     batchers=[EmbeddingBatcher(bert_tiny)])
-    async with app.test_app():
-        yield app
 
 
 def _check_error(status: int, body: Any, want: int) -> None:
@@ -76,13 +63,13 @@ async def test_full_queue_is_429_with_retry_after(app: Quart,
     # The tiny model decodes 64 tokens in milliseconds: hold the running one at its first
     # step so that the next one has to wait.
     gate = threading.Event()
-    decode = engine.model.decode
+    decode = engine.model.prepare_decode
 
     def held(*args: Any, **kwargs: Any) -> Any:
         gate.wait(10)
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "decode", held)
+    monkeypatch.setattr(engine.model, "prepare_decode", held)
 
     async def post() -> None:
         await client.post("/v1/chat/completions", json=long)
@@ -95,7 +82,7 @@ async def test_full_queue_is_429_with_retry_after(app: Quart,
             tg.start_soon(post)
             tg.start_soon(post)
             with anyio.fail_after(10):
-                while engine.waiting < 1:  # noqa: ASYNC110 - observing the engine
+                while engine.running < 1 or engine.waiting < 1:  # noqa: ASYNC110 - observing
                     await anyio.sleep(0.005)
             resp = await client.post("/v1/chat/completions", json=long)
             _check_error(resp.status_code, await resp.get_json(), 429)

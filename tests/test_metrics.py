@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
 import pytest
 from quart import Quart
-
-from inference.chat.engine import ChatEngine
-from inference.chat.model import ChatModel
-from inference.embed.batcher import EmbeddingBatcher
-from inference.embed.model import EmbeddingModel
-from server.app import create_app
-from server.settings import Settings
 
 pytestmark = pytest.mark.anyio
 CHAT = "phi3-tiny-random"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def app(phi3: ChatModel, bert_tiny: EmbeddingModel) -> AsyncIterator[Quart]:
-    app = create_app(Settings(), engines=[ChatEngine(phi3)],
-                     batchers=[EmbeddingBatcher(bert_tiny)])
-    async with app.test_app():
-        yield app
 
 
 def _value(text: str, name: str, **labels: str) -> float:

@@ -231,12 +231,11 @@ async def test_admin_endpoints_are_off_without_admin_keys(phi3_dir: Path) -> Non
 
 @pytest.mark.anyio
 async def test_an_engine_handed_over_loaded_cannot_be_unloaded(phi3: Any) -> None:
-    from inference.chat.engine import ChatEngine
-    from server.app import create_app
     from server.settings import Settings
+    from tests.conftest import serving
 
-    app = create_app(Settings(admin_keys=(ADMIN,)), engines=[ChatEngine(phi3, max_running=2)])
-    async with app.test_app():
+    async with serving(Settings(admin_keys=(ADMIN,), max_running_per_model=2),
+                       chat=[phi3]) as app:
         resp = await app.test_client().post(f"/v1/admin/models/{CHAT}/unload",
                                             headers={"Authorization": f"Bearer {ADMIN}"})
         assert resp.status_code == 400

@@ -3,8 +3,6 @@ eviction within the budget, prefixes shared by concurrent requests, cancelled re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import pytest
 
@@ -12,19 +10,12 @@ from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
 from inference.chat.prompt_cache import PromptCache
 from inference.chat.sampling import SamplingParams
+from tests.conftest import chat_engine, running
 
 pytestmark = pytest.mark.anyio
 GREEDY = SamplingParams(temperature=0, max_tokens=40)
 QUESTIONS = ["Tell me about lighthouses.", "Why are they so tall?", "Who keeps them?",
              "What happens in storms?", "Name a famous one.", "How old is it?"]
-
-
-async def _engine(model: ChatModel, **kw: object) -> AsyncIterator[ChatEngine]:
-    engine = ChatEngine(model, **kw)  # type: ignore[arg-type]
-    async with anyio.create_task_group() as tg:
-        await tg.start(engine.run)
-        yield engine
-        tg.cancel_scope.cancel()
 
 
 async def _ask(engine: ChatEngine, messages: list[dict[str, str]],
@@ -83,7 +74,7 @@ async def test_multi_turn_answers_are_identical_with_and_without(
     model: ChatModel = request.getfixturevalue(model_name)
     runs = {}
     for enabled in (False, True):
-        async for engine in _engine(model, prompt_cache=enabled):
+        async with running(chat_engine(model, prompt_cache=enabled)) as engine:
             runs[enabled] = await _conversation(engine)
             stats = engine.cache_stats()
     assert runs[True][0] == runs[False][0]  # token for token
@@ -95,9 +86,9 @@ async def test_multi_turn_answers_are_identical_with_and_without(
 
 
 async def test_interleaved_conversations_each_hit_their_own(phi3: ChatModel) -> None:
-    async for engine in _engine(phi3, max_running=4):
+    async with running(chat_engine(phi3, max_running=4)) as engine:
         alone = [await _conversation(engine, f"[{name}] ") for name in "ab"]
-    async for engine in _engine(phi3, max_running=4):
+    async with running(chat_engine(phi3, max_running=4)) as engine:
         together: dict[str, tuple[list[str], list[int]]] = {}
         async with anyio.create_task_group() as tg:
             for name in "ab":
@@ -109,10 +100,9 @@ async def test_interleaved_conversations_each_hit_their_own(phi3: ChatModel) -> 
 
 async def test_eviction_under_a_small_budget(phi3: ChatModel) -> None:
     # room for the running row and two kept prefixes of ~one chunk each
-    async for engine in _engine(phi3, max_running=1):
-        per_token = phi3.kv_layout().bytes_per_token
-        engine.pool.budget_tokens = 3 * 256
-        engine.pool.budget_bytes = 3 * 256 * per_token
+    per_token = phi3.kv_layout().bytes_per_token
+    async with running(chat_engine(phi3, max_running=1,
+                                   kv_budget_bytes=3 * 256 * per_token)) as engine:
         prompts = [[{"role": "user", "content": f"{word} " * 90}]
                    for word in ("red", "green", "blue", "gold")]
         for messages in prompts:
@@ -130,10 +120,10 @@ async def test_eviction_under_a_small_budget(phi3: ChatModel) -> None:
 async def test_concurrent_requests_share_a_prefix(smollm2: ChatModel) -> None:
     system = {"role": "system", "content": "You are a careful assistant. " * 20}
     questions = ["What is a lighthouse?", "What is a harbour?", "What is a ship?"]
-    async for engine in _engine(smollm2, prompt_cache=False):
+    async with running(chat_engine(smollm2, prompt_cache=False)) as engine:
         expected = [(await _ask(engine, [system, {"role": "user", "content": q}]))[0]
                     for q in questions]
-    async for engine in _engine(smollm2):
+    async with running(chat_engine(smollm2)) as engine:
         await _ask(engine, [system, {"role": "user", "content": "hello"}])  # fills the cache
         await _idle(engine)
         results: dict[str, tuple[str, int]] = {}
@@ -147,9 +137,9 @@ async def test_concurrent_requests_share_a_prefix(smollm2: ChatModel) -> None:
 
 async def test_a_cancelled_request_leaves_a_usable_entry(smollm2: ChatModel) -> None:
     long = [{"role": "user", "content": "Summarise the following. " + "The sea is calm. " * 150}]
-    async for engine in _engine(smollm2, prompt_cache=False):
+    async with running(chat_engine(smollm2, prompt_cache=False)) as engine:
         expected, _ = await _ask(engine, long)
-    async for engine in _engine(smollm2):
+    async with running(chat_engine(smollm2)) as engine:
         stream = await engine.start(long, SamplingParams(temperature=0, max_tokens=40))
         with anyio.fail_after(10):
             while engine.stats.prefill_runs_total < 3:  # noqa: ASYNC110
@@ -172,7 +162,7 @@ def test_entries_stay_within_their_byte_cap() -> None:
 
 async def test_a_small_cap_keeps_the_pool_s_memory_small(phi3: ChatModel) -> None:
     per_token = phi3.kv_layout().bytes_per_token
-    async for engine in _engine(phi3, prompt_cache_bytes=200 * per_token):
+    async with running(chat_engine(phi3, prompt_cache_bytes=200 * per_token)) as engine:
         footprint = 0
         for i in range(4):  # distinct 150-token prompts: each leaves a 128-token entry
             await _ask(engine, [{"role": "user", "content": f"{i} " + "lighthouse " * 70}])

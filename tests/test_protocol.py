@@ -3,14 +3,14 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from server.errors import APIError
-from server.protocol import (
+from server.core.errors import APIError
+from server.core.http import parse_json_body
+from server.openai.wire import (
     ChatCompletionRequest,
     ChatMessage,
     EmbeddingRequest,
     ResponseFormat,
     StreamOptions,
-    parse_json_body,
     parse_model,
 )
 

@@ -24,7 +24,7 @@ import json, sys, time
 import numpy as np
 from pathlib import Path
 from inference.embed.model import EmbeddingModel
-from inference.providers import QnnOptions
+from inference.limits import QnnOptions
 folder, cache, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 if mode == "no-plugin":
     sys.modules["onnxruntime_qnn"] = None  # as if the package were not installed

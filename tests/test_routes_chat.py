@@ -3,7 +3,6 @@ on the real Phi-3-layout fixture model."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -15,18 +14,15 @@ from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
 from server.app import create_app
 from server.settings import Settings
+from tests.conftest import serving
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.app(settings={"max_running_per_model": 2, "max_waiting_per_model": 2},
+                    embedding=())]
 MODEL = "phi3-tiny-random"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def app(phi3: ChatModel) -> AsyncIterator[Quart]:
-    app = create_app(Settings(max_running_per_model=2, max_waiting_per_model=2),
-                     engines=[ChatEngine(phi3, max_running=2, max_waiting=2)])
-    async with app.test_app():
-        yield app
 
 
 def _events(body: bytes) -> list[Any]:
@@ -124,8 +120,7 @@ async def test_malformed_json_and_wrong_method(app: Quart) -> None:
 
 
 async def test_payload_too_large(phi3: ChatModel) -> None:
-    app = create_app(Settings(max_body_bytes=1000), engines=[ChatEngine(phi3)])
-    async with app.test_app():
+    async with serving(Settings(max_body_bytes=1000), chat=[phi3]) as app:
         resp = await app.test_client().post("/v1/chat/completions", json={
             "model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]})
         assert resp.status_code == 413
@@ -136,7 +131,7 @@ async def test_error_after_stream_started_is_an_event(app: Quart,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     engine: ChatEngine = app.extensions["npugate"].registry.entries[MODEL].chat
     calls = {"n": 0}
-    real = engine.model.decode
+    real = engine.model.prepare_decode
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -144,7 +139,7 @@ async def test_error_after_stream_started_is_an_event(app: Quart,
             raise RuntimeError("device lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "decode", flaky)
+    monkeypatch.setattr(engine.model, "prepare_decode", flaky)
     resp = await app.test_client().post("/v1/chat/completions", json={
         "model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 10})
     assert resp.status_code == 200

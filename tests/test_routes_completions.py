@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from quart import Quart
 
-from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
-from server.app import create_app
-from server.settings import Settings
+from tests.conftest import serving
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.app(settings={"max_running_per_model": 8}, embedding=())]
 MODEL = "phi3-tiny-random"
 
 
-@pytest.fixture
-async def app(phi3: ChatModel) -> AsyncIterator[Quart]:
-    app = create_app(Settings(), engines=[ChatEngine(phi3, max_running=8)])
-    async with app.test_app():
-        yield app
 
 
 async def _post(app: Quart, **body: Any) -> tuple[int, Any]:
@@ -98,11 +91,8 @@ async def test_refusals_are_clear_400s(app: Quart, body: dict[str, Any], param: 
 
 async def test_an_embedding_model_is_refused_by_task(phi3: ChatModel,
                                                      bert_tiny: Any) -> None:
-    from inference.embed.batcher import EmbeddingBatcher
 
-    app = create_app(Settings(), engines=[ChatEngine(phi3)],
-                     batchers=[EmbeddingBatcher(bert_tiny)])
-    async with app.test_app():
+    async with serving(chat=[phi3], embedding=[bert_tiny]) as app:
         resp = await app.test_client().post("/v1/completions", json={
             "model": "bert-tiny-cls-random", "prompt": "hi"})
         assert resp.status_code == 400

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 import pytest
 from quart import Quart
 
-from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.model import EmbeddingModel
-from server.app import create_app
-from server.settings import Settings
+from tests.conftest import serving
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.app(settings={"embedding_max_inputs": 8, "max_body_bytes": 64 * 1024},
+                    chat=(), embedding=("minilm",))]
 MODEL = "all-minilm-l6-v2"
 
 
-@pytest.fixture
-async def app(minilm: EmbeddingModel) -> AsyncIterator[Quart]:
-    app = create_app(Settings(embedding_max_inputs=8, max_body_bytes=64 * 1024),
-                     batchers=[EmbeddingBatcher(minilm)])
-    async with app.test_app():
-        yield app
 
 
 async def _post(app: Quart, body: dict[str, Any]) -> tuple[int, Any]:
@@ -108,9 +101,8 @@ async def test_huge_text_is_refused_before_tokenizing(minilm: EmbeddingModel,
     def no_tokenizing(texts: Any) -> Any:
         raise AssertionError("tokenized a text that cannot fit")
 
-    app = create_app(Settings(), batchers=[EmbeddingBatcher(minilm)])
     monkeypatch.setattr(minilm, "tokenize", no_tokenizing)
-    async with app.test_app():
+    async with serving(embedding=[minilm]) as app:
         for inp in ("word " * 800_000, ["short", "é" * 5000]):
             status, body = await _post(app, {"model": MODEL, "input": inp})
             assert status == 400 and body["error"]["code"] == "context_length_exceeded"
@@ -119,11 +111,8 @@ async def test_huge_text_is_refused_before_tokenizing(minilm: EmbeddingModel,
 
 async def test_a_chat_model_here_is_a_400_naming_its_task(minilm: EmbeddingModel,
                                                            phi3: Any) -> None:
-    from inference.chat.engine import ChatEngine
 
-    app = create_app(Settings(), engines=[ChatEngine(phi3)],
-                     batchers=[EmbeddingBatcher(minilm)])
-    async with app.test_app():
+    async with serving(chat=[phi3], embedding=[minilm]) as app:
         status, body = await _post(app, {"model": "phi3-tiny-random", "input": "hi"})
         assert status == 400 and body["error"]["code"] == "wrong_model_task"
         assert "chat model" in body["error"]["message"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -10,24 +9,13 @@ import orjson
 import pytest
 from quart import Quart
 
-from inference.chat.engine import ChatEngine
-from inference.chat.model import ChatModel
-from inference.embed.batcher import EmbeddingBatcher
-from inference.embed.model import EmbeddingModel
-from server.app import create_app
-from server.settings import Settings
-
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.app(settings={"ws_max_message_bytes": 4096, "ws_max_conversations": 3,
+                              "max_messages": 4})]
 CHAT = "phi3-tiny-random"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-async def app(phi3: ChatModel, bert_tiny: EmbeddingModel) -> AsyncIterator[Quart]:
-    app = create_app(Settings(ws_max_message_bytes=4096, ws_max_conversations=3, max_messages=4),
-                     engines=[ChatEngine(phi3)], batchers=[EmbeddingBatcher(bert_tiny)])
-    async with app.test_app():
-        yield app
 
 
 def _chat(cid: str, max_tokens: int = 8, **extra: Any) -> str:

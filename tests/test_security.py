@@ -10,13 +10,11 @@ import orjson
 import pytest
 from quart import Quart
 
-from inference.chat.engine import ChatEngine
 from inference.chat.model import ChatModel
-from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.model import EmbeddingModel
-from server.app import create_app
-from server.security import OPEN_SCOPE, APIKeys
+from server.core.security import OPEN_SCOPE, APIKeys
 from server.settings import Settings
+from tests.conftest import serving
 
 pytestmark = pytest.mark.anyio
 KEY = "sk-test-0123456789"
@@ -25,8 +23,7 @@ BODY = {"model": "phi3-tiny-random", "messages": [{"role": "user", "content": "h
 
 
 async def _app(phi3: ChatModel, **settings: Any) -> AsyncIterator[Quart]:
-    app = create_app(Settings(**settings), engines=[ChatEngine(phi3)])
-    async with app.test_app():
+    async with serving(Settings(**settings), chat=[phi3]) as app:
         yield app
 
 
@@ -281,9 +278,8 @@ async def _embedding_hits(client: Any, key: str) -> float:
 
 async def test_two_keys_never_share_a_cache_hit(phi3: ChatModel, minilm: EmbeddingModel
                                                 ) -> None:
-    app = create_app(Settings(api_keys=(KEY, "sk-other"), embedding_cache_mib=1),
-                     engines=[ChatEngine(phi3)], batchers=[EmbeddingBatcher(minilm)])
-    async with app.test_app():
+    async with serving(Settings(api_keys=(KEY, "sk-other"), embedding_cache_mib=1),
+                       chat=[phi3], embedding=[minilm]) as app:
         client = app.test_client()
         assert await _cached_tokens(client, KEY) == 0
         own = await _cached_tokens(client, KEY)

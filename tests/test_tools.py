@@ -12,7 +12,7 @@ import pytest
 from inference.chat.grammar import Guide
 from inference.chat.model import ChatModel
 from inference.chat.sampling import Sampler, SamplingParams
-from server.tools import ToolCallParser, prompt_messages, tool_grammar
+from server.openai.tools import ToolCallParser, prompt_messages, tool_grammar
 
 CALLS = ('{"tool_calls":[{"name":"get_weather","arguments":{"city":"Pa\\"ris}","n":[1,{"a":2}]}},'
          '{"name":"get_time","arguments":{}}]}')

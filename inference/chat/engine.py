@@ -13,9 +13,24 @@ numerics never depend on its batch mates (chunk boundaries do change int8 kernel
 so they must not depend on load).
 
 A consumer that stops reading (a slow or stalled client, over SSE or the WebSocket alike)
-pauses its generation: past `UNREAD_PER_CHOICE` undelivered deltas per choice it keeps its row
-but is not stepped, and it resumes once its consumer catches up. Paused for `stall_s`, it is
-cancelled. So a client that never reads costs a bounded number of tokens, not `max_tokens`.
+pauses its generation: past `ChatLimits.unread_per_choice` undelivered deltas per choice it
+keeps its row but is not stepped, and it resumes once its consumer catches up. Paused for
+`stall_s`, it is cancelled. So a client that never reads costs a bounded number of tokens, not
+`max_tokens`.
+
+Ownership: one thread owns the batch state. The device thread (the worker `run()` hands each
+turn of rounds to, one at a time) alone reads and writes the running rows, the queue of
+generations waiting for room, the KV pool, the prompt cache and every `Choice`. The event loop
+reaches them only by commands, which the device thread drains at the top of each round:
+submit a generation, cancel one (its consumer closed the stream or went away), stop all
+(shutdown). What a round produces (deltas, admissions, ends) goes the other way as event-loop
+calls, handed over in one batch: just before the round's model run, and when the turn ends.
+The event loop owns what consumers see (each generation's stream and its end), admission
+control and the counts of queued and running generations. Two kinds of plain counters cross,
+each with one writer: `Generation.received` (the consumer's, which the device thread reads to
+pause a generation whose reader fell behind) and `EngineStats`. Reports (`kv_usage`,
+`cache_stats`) read the pool's and the cache's counters as they stand. Between turns, and after
+the last one, no round runs, and `run()` owns the state: it fails what is left at shutdown.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from anyio.abc import TaskStatus
 
 from inference.chat.grammar import Matcher
 from inference.chat.kv_pool import KVPool
-from inference.chat.model import ChatModel
+from inference.chat.model import ChatModel, PreparedRun
 from inference.chat.prompt_cache import PromptCache
 from inference.chat.sampling import SamplingParams
 from inference.chat.sequence import ChatDelta, Choice, Generation
@@ -50,25 +65,36 @@ from inference.errors import (
     InvalidInput,
     Overloaded,
 )
+from inference.limits import ChatLimits
 
 __all__ = ["ChatDelta", "ChatEngine", "Constraint", "DeltaStream", "EngineStats",
            "GenerationStream"]
 log = logging.getLogger(__name__)
-DEFAULT_KV_BUDGET = 2 * 1024**3
-DEFAULT_PREFILL_CHUNK = 64
-# What kept prompt prefixes may hold of the KV budget (the attack run saw 14 entries hold
-# 603 MiB, and rising): about 5,700 tokens of SmolLM2-135M's fp32 KV
-DEFAULT_PROMPT_CACHE_BYTES = 256 * 2**20
 PREFILL_SLICE_S = 0.1  # prefill time between two decode steps, beyond the first chunk
-# A generation whose consumer has this many undelivered deltas per choice waits for it (a
-# second or two of tokens: streaming clients that read do not get near it) ...
-UNREAD_PER_CHOICE = 64
-STALL_S = 60.0  # ... and is cancelled when it has waited this long
 PAUSED_POLL_S = 0.02  # how often a round whose rows all wait looks for a reader
 # Per model run: "prefill" or "decode", rows in the run, new tokens, seconds; and per step
 # with constrained rows, "mask", the rows whose grammar masks were filled, and the seconds
 # that took. Called on the device thread.
 RunObserver = Callable[[str, int, int, float], None]
+
+
+@dataclass(frozen=True)
+class _Submit:
+    gen: Generation
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    gen: Generation
+    error: InferenceError | None = None
+
+
+@dataclass(frozen=True)
+class _StopAll:
+    error: InferenceError
+
+
+Command = _Submit | _Cancel | _StopAll
 
 
 @dataclass(frozen=True)
@@ -104,34 +130,45 @@ class EngineStats:
 class ChatEngine:
     """Schedules generations on one `ChatModel`. Call `run()` in a task group first.
 
-    Steps happen in rounds on the device thread; every delta is posted to the event loop
-    without waiting for it, so per-token HTTP work never sits between two steps. A round ends
-    when a request arrives (to admit it), when nothing runs, or after `round_s`, so shutdown
-    never waits long. Runs on asyncio (which Quart and Hypercorn use).
+    A round, on the device thread: drain the commands, free finished rows, admit what
+    fits, run a prefill slice and one decode step. Rounds run in turns, each handed to a
+    worker thread, which end when nothing runs or after `round_s` (so shutdown never waits
+    long). Every delta is posted to the event loop without waiting for it, so per-token HTTP
+    work never sits between two steps. Runs on asyncio (which Quart and Hypercorn use).
     """
 
-    def __init__(self, model: ChatModel, *, max_running: int = 8, max_waiting: int = 16,
-                 round_s: float = 0.25, default_max_tokens: int | None = None,
-                 kv_budget_bytes: int = DEFAULT_KV_BUDGET,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prompt_cache: bool = True,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
-                 on_run: RunObserver | None = None, stall_s: float = STALL_S) -> None:
+    def __init__(self, model: ChatModel, limits: ChatLimits | None = None, *,
+                 on_run: RunObserver | None = None) -> None:
+        """`limits`: the server's (`Settings.limits().chat`); their defaults otherwise."""
         self.model = model
         self.model_id = model.spec.model_id
+        self.limits = limits = limits or ChatLimits()
         self.stats = EngineStats()
-        self.pool = KVPool(model.kv_layout(), budget_bytes=kv_budget_bytes,
-                           max_rows=max_running, spare_rows=max_running if prompt_cache else 0)
-        self.cache = PromptCache(chunk=prefill_chunk, enabled=prompt_cache,
-                                 max_tokens=prompt_cache_bytes // self.pool.layout.bytes_per_token)
+        self.pool = KVPool(model.kv_layout(), budget_bytes=limits.kv_budget_bytes,
+                           max_rows=limits.max_running,
+                           spare_rows=limits.max_running if limits.prompt_cache else 0)
+        self.cache = PromptCache(
+            chunk=limits.prefill_chunk, enabled=limits.prompt_cache,
+            max_tokens=limits.prompt_cache_bytes // self.pool.layout.bytes_per_token)
         self.on_run = on_run
-        self._max_running = max_running
-        self._max_waiting = max_waiting
-        self._round_s = round_s
-        self._prefill_chunk = prefill_chunk
-        self._default_max_tokens = default_max_tokens  # when a request sets none
-        self._stall_s = stall_s  # a generation paused this long is cancelled
-        self._rows: list[Choice] = []  # the running choices; choice i holds pool row i
+        self._max_running = limits.max_running
+        self._max_waiting = limits.max_waiting
+        # The device thread's: the running choices (choice i holds pool row i), and the
+        # generations waiting for room
+        self._rows: list[Choice] = []
         self._waiting: deque[Generation] = deque()
+        self._posted: list[tuple[Callable[..., None], tuple[object, ...]]] = []
+        self._busy = False  # the last turn left rows running or waiting
+        self._held_told = False  # what the event loop was last told of `_held`
+        # Commands from the event loop (deque appends and pops are atomic)
+        self._inbox: deque[Command] = deque()
+        self._commanded = threading.Event()  # wakes a round that waits for a reader
+        # The event loop's: generations submitted and not yet admitted (by id, in order, with
+        # their choices), and the running ones and their choices
+        self._queued: dict[Generation, int] = {}
+        self._running = 0
+        self._running_choices = 0
+        self._held = False  # the device thread holds a generation back for room
         self._device = anyio.CapacityLimiter(1)
         # Grammars compile one at a time per model, in a worker thread: a compile cannot be
         # stopped once it runs, so a request still waiting here when its client leaves costs
@@ -139,9 +176,7 @@ class ChatEngine:
         self._compiling = anyio.CapacityLimiter(1)
         self._compiles = 0  # requests waiting for or in a compile: they count as waiting
         self._wakeup = anyio.Event()
-        self._arrival = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._posted: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._accepting = False
 
     @property
@@ -155,16 +190,17 @@ class ChatEngine:
 
     @property
     def running(self) -> int:
-        """Generations admitted and not yet finished."""
-        return len({id(c.generation) for c in self._rows})
+        """Generations admitted and not yet ended."""
+        return self._running
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Generations that wait for room (see `_queue_depth`)."""
+        return self._queue_depth()
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._rows
+        return not self._queued and not self._running
 
     def detokenize(self, token_ids: list[int]) -> str:
         """The text of token ids (special tokens kept, as a prompt holds them)."""
@@ -176,8 +212,8 @@ class ChatEngine:
 
     @property
     def batch_invariant(self) -> bool:
-        """Whether a sequence decoded alone gets the same logits as batched (see README: what
-        seeded sampling promises)."""
+        """Whether a sequence decoded alone gets the same logits as batched (what seeded
+        sampling promises: docs/decisions/0001)."""
         return self.model.batch_invariant
 
     def cache_stats(self) -> dict[str, int | bool]:
@@ -279,12 +315,11 @@ class ChatEngine:
             max_buffer_size=len(needs) * max_tokens + 2)  # one item per step at most: bounded
         gen = Generation(self.model, prompts, params, max_tokens, n, send, matchers,
                          cache_scope)
-        self._waiting.append(gen)
+        self._queued[gen] = len(gen.choices)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += gen.prompt_tokens
-        self._arrival.set()
-        self._wakeup.set()
-        return GenerationStream(gen, receive)
+        self._command(_Submit(gen))
+        return GenerationStream(gen, receive, self.cancel)
 
     def _max_tokens(self, prompt: int, asked: int | None, param: str) -> int:
         context = self.model.spec.context_length
@@ -305,12 +340,12 @@ class ChatEngine:
                 f"({self.pool.largest_sequence} tokens for this model); ask for fewer tokens, "
                 "or raise --kv-budget", param="max_tokens" if kv_room >= 1 else param)
         return asked if asked is not None else \
-            min(room, kv_room, self._default_max_tokens or room)
+            min(room, kv_room, self.limits.max_tokens_limit)
 
     def _check_queue(self) -> None:
         """Refuse when the queue is full, counting requests whose grammar waits to compile
         or compiles: a flood of costly schemas is refused before any compile."""
-        waiting = len(self._waiting) + self._compiles
+        waiting = self._queue_depth() + self._compiles
         if waiting >= self._max_waiting:
             raise Overloaded(f"model {self.model_id} has {waiting} requests waiting; "
                              "retry later", retry_after_s=1.0)
@@ -325,69 +360,136 @@ class ChatEngine:
         task_status.started()
         try:
             while True:
-                self._admit()
-                if not self._rows:
+                if not self._inbox and not self._busy:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
-                self._arrival.clear()
-                await anyio.to_thread.run_sync(self._round, limiter=self._device)
+                # not abandoned when cancelled: a turn always ends before this returns
+                await anyio.to_thread.run_sync(self._turn, limiter=self._device)
         finally:
+            # no turn runs now, and none will: the state is this task's
             self._accepting = False
-            for gen in {id(c.generation): c.generation for c in self._rows}.values():
-                self._close(gen, "failed", BackendUnavailable("the server is shutting down"))
-            for gen in self._waiting:
-                self._close(gen, "failed", BackendUnavailable("the server is shutting down"))
+            error = BackendUnavailable("the server is shutting down")
+            gens = {id(c.generation): c.generation for c in self._rows}
+            gens.update((id(g), g) for g in self._waiting)
+            gens.update((id(c.gen), c.gen) for c in self._inbox if isinstance(c, _Submit))
+            for gen in gens.values():
+                self._close(gen, "failed", error)
             self._rows.clear()
             self._waiting.clear()
+            self._inbox.clear()
+
+    def cancel(self, gen: Generation, error: InferenceError | None = None) -> None:
+        """Event loop: stop `gen` at its next step (its consumer closed the stream or left),
+        telling the consumer `error` if one is given."""
+        if not gen.ended:
+            self._command(_Cancel(gen, error))
 
     def stop_all(self, error: InferenceError) -> None:
-        """End every generation at its next step, telling each consumer `error`; refuse new
-        ones. For shutdown, after the grace period."""
+        """Event loop: end every generation at its next step, telling each consumer `error`;
+        refuse new ones. For shutdown, after the grace period."""
         self._accepting = False
-        for choice in self._rows:
-            choice.generation.stop_error = error
-            choice.generation.cancelled = True
-        while self._waiting:
-            self._close(self._waiting.popleft(), "failed", error)
-        self._arrival.set()  # end the current round at its next step
+        self._command(_StopAll(error))
+
+    def _command(self, command: Command) -> None:
+        self._inbox.append(command)
+        self._commanded.set()  # a round waiting for a reader reads it now
+        self._wakeup.set()  # an idle run() starts a turn
+
+    def _queue_depth(self) -> int:
+        """The generations that wait, as the event loop sees them: every one submitted and
+        not yet admitted once the device thread holds one back for room (they queue behind
+        it); else those beyond the rows the running ones leave free (the others are admitted
+        at the device thread's next round)."""
+        if self._held:
+            return len(self._queued)
+        free = self._max_running - self._running_choices
+        depth = 0
+        for choices in self._queued.values():
+            if depth or choices > free:
+                depth += 1
+            else:
+                free -= choices
+        return depth
+
+    def _holding(self, held: bool) -> None:
+        """Event loop: whether the device thread holds a generation back for room."""
+        self._held = held
+
+    def _started(self, gen: Generation, at: float) -> None:
+        """Event loop: the device thread admitted `gen`."""
+        if not gen.ended:
+            gen.admitted_at = at
+            del self._queued[gen]
+            self._running += 1
+            self._running_choices += len(gen.choices)
+
+    # --- the device thread ---------------------------------------------------------------
+
+    def _turn(self) -> None:
+        """Device thread: rounds until nothing runs or `round_s` has passed."""
+        deadline = time.monotonic() + self.limits.round_s
+        try:
+            while True:
+                self._commanded.clear()
+                self._drain()
+                self._release()
+                self._admit()
+                if not self._rows:
+                    return
+                self._round()
+                if time.monotonic() >= deadline:
+                    return
+        finally:
+            self._busy = bool(self._rows or self._waiting)
+            self._flush()
+
+    def _drain(self) -> None:
+        """Carry out the event loop's commands, in order."""
+        while self._inbox:
+            command = self._inbox.popleft()
+            if isinstance(command, _Submit):
+                self._waiting.append(command.gen)
+            elif isinstance(command, _Cancel):
+                if not command.gen.cancelled:
+                    command.gen.cancelled = True
+                    command.gen.stop_error = command.error
+            else:  # stop all: the running end at their next step, the waiting now
+                for choice in self._rows:
+                    choice.generation.cancelled = True
+                    choice.generation.stop_error = command.error
+                while self._waiting:
+                    self._post(self._close, self._waiting.popleft(), "failed", command.error)
 
     def _admit(self) -> None:
-        """Event loop, between rounds: move waiting generations into the pool while they fit,
-        oldest first."""
+        """Move waiting generations into the pool while they fit, oldest first."""
         while self._waiting:
             gen = self._waiting[0]
             if gen.cancelled:  # client left while queued: it never costs compute
                 self._waiting.popleft()
-                self._close(gen, "cancelled", gen.stop_error)
+                self._post(self._close, gen, "cancelled", gen.stop_error)
                 continue
             if not self.pool.fits([c.reservation for c in gen.choices]):
-                return  # it waits for room; later ones wait behind it (no starvation)
+                break  # it waits for room; later ones wait behind it (no starvation)
             self._waiting.popleft()
-            gen.admitted_at = time.monotonic()
             for choice in gen.choices:
                 choice.row = self.pool.add(choice.reservation)
                 self._rows.append(choice)
-
-    # --- the device thread ---------------------------------------------------------------
+            self._post(self._started, gen, time.monotonic())
+        if bool(self._waiting) != self._held_told:
+            self._held_told = bool(self._waiting)
+            self._post(self._holding, self._held_told)
 
     def _round(self) -> None:
-        """Device thread: prefill chunks and decode steps until the round ends."""
-        deadline = time.monotonic() + self._round_s
-        try:
-            while not self._arrival.is_set() and time.monotonic() < deadline:
-                self._release()
-                if not self._rows:
-                    return
-                self.cache.settle(self.pool, self._rows)
-                self._prefill_slice()
-                stepped = any(c.state == "decode" for c in self._rows) and self._decode()
-                if not stepped and not any(c.state == "prefill" for c in self._rows):
-                    # every generating row is paused: wait for a reader, or an arrival
-                    self._flush()
-                    self._arrival.wait(PAUSED_POLL_S)
-        finally:
+        """The round's runs: a prefill slice and a decode step. When every row waits for
+        its reader, it waits a moment for one (or for a command) instead."""
+        for choice, cached in self.cache.settle(self.pool, self._rows):
+            choice.start_at(cached)
+        self._prefill_slice()
+        stepped = any(c.state == "decode" for c in self._rows) and self._decode()
+        if not stepped and not any(c.state == "prefill" for c in self._rows):
             self._flush()
+            self._commanded.wait(PAUSED_POLL_S)
 
     def _release(self) -> None:
         """Free the rows of finished and cancelled choices (compacting the pool); their
@@ -428,10 +530,10 @@ class ChatEngine:
 
     def _prefill(self, choice: Choice) -> None:
         gen = choice.generation
-        ids = choice.next_chunk(self._prefill_chunk)
+        ids = choice.next_chunk(self.limits.prefill_chunk)
         try:
             started = time.perf_counter()
-            logits = self.model.prefill(self.pool, choice.row, ids, before_run=self._flush)
+            logits = self._run(self.model.prepare_prefill(self.pool, choice.row, ids))
             self._observe("prefill", 1, len(ids), started)
         except Exception as exc:
             log.exception("prefill failed on %s", self.model_id)
@@ -457,7 +559,7 @@ class ChatEngine:
             return False
         try:
             started = time.perf_counter()
-            logits = self.model.decode(self.pool, tokens, before_run=self._flush)
+            logits = self._run(self.model.prepare_decode(self.pool, tokens))
             stepped = sum(t is not None for t in tokens)
             self._observe("decode", stepped, stepped, started)
         except Exception as exc:
@@ -474,19 +576,26 @@ class ChatEngine:
                 self._emit(choice, choice.advance(logits[row], masks.get(id(choice))))
         return True
 
+    def _run(self, run: PreparedRun) -> npt.NDArray[np.float32]:
+        """One model run, the event loop woken with the last runs' calls just before it:
+        waking it hands the GIL over, and the run gives the GIL up anyway, so the device
+        thread does not wait for the loop's work before it starts the run."""
+        self._flush()
+        return run()
+
     def _paused(self, gen: Generation) -> bool:
         """Whether `gen`'s consumer is too far behind to step it now; cancels it once it has
         been so for `stall_s`."""
-        if gen.emitted - gen.received < UNREAD_PER_CHOICE * len(gen.choices):
+        if gen.emitted - gen.received < self.limits.unread_per_choice * len(gen.choices):
             gen.paused_at = None
             return False
         now = time.monotonic()
         if gen.paused_at is None:
             gen.paused_at = now
             self.stats.paused_total += 1
-        elif now - gen.paused_at > self._stall_s and not gen.cancelled:
+        elif now - gen.paused_at > self.limits.stall_s and not gen.cancelled:
             log.warning("%s: a consumer read nothing for %.0f s; its generation is cancelled",
-                        self.model_id, self._stall_s)
+                        self.model_id, self.limits.stall_s)
             self.stats.stalled_total += 1
             gen.cancelled = True  # released at the next step
         return True
@@ -523,9 +632,9 @@ class ChatEngine:
         self._post(self._close, gen, "failed", BackendUnavailable(f"inference failed: {exc}"))
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
-        """Queue an event-loop call; `_flush` sends a step's calls in one wake-up (one per
+        """Queue an event-loop call; `_flush` sends a round's calls in one wake-up (one per
         delta cost the event loop, and the cores onnxruntime shares with it, more), as the
-        next model run starts (the model calls it) or when the round ends."""
+        next model run starts or when the turn ends."""
         self._posted.append((callback, args))
 
     def _flush(self) -> None:
@@ -544,14 +653,18 @@ class ChatEngine:
         try:
             gen.send.send_nowait(delta)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
-            gen.cancelled = True  # the consumer is gone: the next step drops the generation
+            self.cancel(gen)  # the consumer is gone: the next round drops the generation
 
     def _close(self, gen: Generation, outcome: str, error: InferenceError | None) -> None:
         """End a generation's stream once, telling the consumer `error` if there is one."""
         if gen.ended:
             return
         gen.ended = True
-        gen.cancelled = gen.cancelled or outcome != "completed"
+        if gen.admitted_at is None:
+            del self._queued[gen]
+        else:
+            self._running -= 1
+            self._running_choices -= len(gen.choices)
         if error is not None:
             try:
                 gen.send.send_nowait(error)

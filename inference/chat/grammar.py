@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Bounds on what one grammar may cost. A mask that would need more lexer work than
 # `step_lexer_fuel` puts the matcher in an error state instead of stalling the device thread
 # (llguidance's default allows about 200 ms of work; measured on hostile schemas, see the
-# README); a grammar larger than `max_grammar_size` is refused when compiled.
+# docs/api.md); a grammar larger than `max_grammar_size` is refused when compiled.
 STEP_LEXER_FUEL = 50_000
 MAX_GRAMMAR_SIZE = 500_000
 # JSON without optional whitespace: a small model given the choice may pad forever.

@@ -17,8 +17,10 @@ The buffer is anonymous memory the OS fills a page at a time, so what it costs i
 written (`resident_bytes`, counted by the kernel), not its size. Rows that no sequence and no
 prompt-cache entry holds give their pages back (`trim`).
 
-Accounting (`fits`, `add`) happens on the event loop between device rounds; everything that
-touches the buffer happens on the device thread.
+The pool belongs to the engine's device thread (see `inference.chat.engine`): only `fits(...,
+alone=True)`, which reads the configuration, and the reports (`describe`) are called from the
+event loop. Others change its state through its methods only: `add`, `remove`, `copy`,
+`set_length`, `advance`, and `handle` for the runtime objects a model keeps on its rows.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +73,7 @@ class KVPool:
         self.reshapes = 0
         # Runtime handles on row ranges of the buffer (views, bindings), built by the model
         # and dropped with the buffer
-        self.views: dict[tuple[Any, ...], Any] = {}
+        self._handles: dict[tuple[Any, ...], Any] = {}
 
     @property
     def rows(self) -> int:
@@ -144,7 +147,7 @@ class KVPool:
             self.reshapes += 1
         self.buffer, self._memory = fresh, memory
         self._written = set(range(n)) | {m for m in moved if m is not None}
-        self.views.clear()
+        self._handles.clear()
         return moved or [None] * len(kept)
 
     def remove(self, row: int) -> int | None:
@@ -164,7 +167,7 @@ class KVPool:
         """Give the memory back (nothing runs and nothing is kept)."""
         self.buffer = self._memory = None
         self._written.clear()
-        self.views.clear()
+        self._handles.clear()
 
     def trim(self, held: set[int]) -> None:
         """Device thread: give back the pages of every row that neither a running sequence
@@ -199,6 +202,23 @@ class KVPool:
         self._written.add(dst)
         if dst < len(self.used):
             self.used[dst] = length
+
+    def set_length(self, row: int, length: int) -> None:
+        """Row `row` holds `length` written positions (its KV is already there)."""
+        self.used[row] = length
+
+    def advance(self, rows: list[int]) -> None:
+        """Each of `rows` was written one more position (a decode run)."""
+        for row in rows:
+            self.used[row] += 1
+
+    def handle(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """The runtime object kept under `key` for the current buffer (made by `make` the
+        first time): the model's bindings of row ranges, dropped when the buffer changes."""
+        found = self._handles.get(key)
+        if found is None:
+            found = self._handles[key] = make()
+        return found
 
     def describe(self) -> dict[str, int]:
         """For /health and /metrics."""

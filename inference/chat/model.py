@@ -37,6 +37,22 @@ class _DecodeBinding:
     values: tuple[ort.OrtValue, ...]
 
 
+@dataclass(frozen=True)
+class PreparedRun:
+    """One model run over pool rows, bound and ready: calling it runs it (blocking), updates
+    the rows' lengths and returns the logits. Holds the runtime values the binding points
+    into until then."""
+
+    session: ort.InferenceSession
+    io: ort.IOBinding
+    finish: Callable[[], npt.NDArray[np.float32]]
+    values: tuple[ort.OrtValue, ...]
+
+    def __call__(self) -> npt.NDArray[np.float32]:
+        self.session.run_with_iobinding(self.io)
+        return self.finish()
+
+
 @dataclass
 class KVCache:
     """Past keys/values of one sequence for the plain loop, keyed by past input names."""
@@ -139,63 +155,78 @@ class ChatModel:
                         head_size=self.spec.head_size, dtype=np.dtype(self._kv_dtype),
                         context=self.spec.context_length)
 
-    def prefill(self, pool: KVPool, row: int, token_ids: list[int], *,
-                before_run: Callable[[], None] | None = None) -> npt.NDArray[np.float32]:
+    def prefill(self, pool: KVPool, row: int, token_ids: list[int]) -> npt.NDArray[np.float32]:
         """Write `token_ids` after what row `row` holds; return the last position's logits.
-        Blocking: call it on the device thread. `before_run` is called just before the
-        model run starts (see `_run_bound`)."""
-        past = pool.used[row]
-        total = past + len(token_ids)
-        logits = self._run(pool, row, row + 1, np.asarray([token_ids], dtype=np.int64),
-                           np.ones((1, total), dtype=self._mask_dtype),
-                           np.arange(past, total, dtype=np.int64)[None, :], before_run)
-        pool.used[row] = total
-        return np.asarray(logits[0, -1], dtype=np.float32)
+        Blocking: call it on the device thread."""
+        return self.prepare_prefill(pool, row, token_ids)()
 
-    def decode(self, pool: KVPool, tokens: list[int | None], *,
-               before_run: Callable[[], None] | None = None) -> npt.NDArray[np.float32]:
+    def decode(self, pool: KVPool, tokens: list[int | None]) -> npt.NDArray[np.float32]:
         """One token for each of the rows `0..len(tokens)-1`, in one model run; returns their
         logits, one row each, in a buffer the next `decode` on this pool overwrites. Rows may
         hold different lengths. A row given None (one still reading its prompt) is run on a
-        placeholder that lands where its next write goes, and is not advanced. Blocking;
-        `before_run` is called just before the model run starts."""
+        placeholder that lands where its next write goes, and is not advanced. Blocking."""
+        return self.prepare_decode(pool, tokens)()
+
+    def prepare_prefill(self, pool: KVPool, row: int, token_ids: list[int]) -> PreparedRun:
+        """`prefill`, bound and not yet run: calling the result runs it. The engine does its
+        own work between the two (it wakes the event loop just before the run)."""
+        past = pool.used[row]
+        total = past + len(token_ids)
+        pool.ensure()  # the engine shapes the pool first (then this is a no-op); direct
+        # callers (benchmarks, tests) keep nothing beyond running rows
+        io, views = self._cache_binding(pool, row, row + 1)
+        io.bind_output(self.spec.logits_name)  # its shape varies with the chunk: allocated
+        self._bind_inputs(io, np.asarray([token_ids], dtype=np.int64),
+                          np.ones((1, total), dtype=self._mask_dtype),
+                          np.arange(past, total, dtype=np.int64)[None, :])
+
+        def finish() -> npt.NDArray[np.float32]:
+            pool.set_length(row, total)
+            logits = io.get_outputs()[-1].numpy()  # the logits only: the caches are the pool
+            return np.asarray(logits[0, -1], dtype=np.float32)
+        return PreparedRun(self._session, io, finish, tuple(views))
+
+    def prepare_decode(self, pool: KVPool, tokens: list[int | None]) -> PreparedRun:
+        """`decode`, bound and not yet run (see `prepare_prefill`)."""
         n = len(tokens)
         lengths = np.asarray(pool.used[:n], dtype=np.int64)
         mask = (np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]
                 ).astype(self._mask_dtype)  # right-padded: row b sees its own length + 1
         ids = np.asarray([0 if t is None else t for t in tokens], dtype=np.int64)[:, None]
+        stepped = [row for row, token in enumerate(tokens) if token is not None]
+        pool.ensure()
         if self._logits_width:
             bound = self._decode_binding(pool, n)
-            self._bind_inputs(bound.io, ids, mask, lengths[:, None])
-            _run_bound(self._session, bound.io, before_run)
-            logits = bound.logits
+            io, views, logits = bound.io, bound.values, bound.logits
         else:  # a graph whose logits width is symbolic: they are allocated per run
-            logits = self._run(pool, 0, n, ids, mask, lengths[:, None], before_run)
-        for row, token in enumerate(tokens):
-            if token is not None:
-                pool.used[row] += 1
-        return np.asarray(logits[:, -1], dtype=np.float32)
+            io, fresh = self._cache_binding(pool, 0, n)
+            io.bind_output(self.spec.logits_name)
+            views, logits = tuple(fresh), None
+        self._bind_inputs(io, ids, mask, lengths[:, None])
+
+        def finish() -> npt.NDArray[np.float32]:
+            pool.advance(stepped)
+            out = io.get_outputs()[-1].numpy() if logits is None else logits
+            return np.asarray(out[:, -1], dtype=np.float32)
+        return PreparedRun(self._session, io, finish, views)
 
     def _decode_binding(self, pool: KVPool, n: int) -> _DecodeBinding:
         """The binding of rows 0..n-1 for one-token runs, kept with the pool (until it is
         reshaped): the cache tensors and the logits output stay bound across steps, so a step
         binds only its three small inputs (binding all 2 x layers caches afresh took about
         0.5 ms of a 21 ms 8-row step, measured here)."""
-        pool.ensure()
-        cached = pool.views.get(("decode", n))
-        if cached is None:
-            shared = pool.views.get(("logits",))
-            if shared is None or shared.shape[0] < n:  # one buffer for every row count
-                shared = np.empty((max(n, pool.max_rows), 1, self._logits_width),
-                                  dtype=self._logits_dtype)
-                pool.views[("logits",)] = shared
+        def make() -> _DecodeBinding:
+            # one logits buffer for every row count
+            shared = pool.handle(("logits",), lambda: np.empty(
+                (pool.max_rows, 1, self._logits_width), dtype=self._logits_dtype))
             logits = shared[:n]
             out = ort.OrtValue.ortvalue_from_numpy(logits)
             io, views = self._cache_binding(pool, 0, n)
             io.bind_ortvalue_output(self.spec.logits_name, out)
-            cached = pool.views[("decode", n)] = _DecodeBinding(io, logits, (out, *views))
-        assert isinstance(cached, _DecodeBinding)
-        return cached
+            return _DecodeBinding(io, logits, (out, *views))
+        bound = pool.handle(("decode", n), make)
+        assert isinstance(bound, _DecodeBinding)
+        return bound
 
     def _cache_binding(self, pool: KVPool, first: int, end: int
                        ) -> tuple[ort.IOBinding, list[ort.OrtValue]]:
@@ -218,19 +249,6 @@ class ChatModel:
         if self._has_position_ids:
             io.bind_cpu_input(self.spec.position_ids_name, positions)
 
-    def _run(self, pool: KVPool, first: int, end: int, input_ids: npt.NDArray[np.int64],
-             mask: npt.NDArray[np.generic], positions: npt.NDArray[np.int64],
-             before_run: Callable[[], None] | None = None) -> npt.NDArray[np.generic]:
-        # The engine shapes the pool first, carrying its prompt-cache rows over (then this is
-        # a no-op); direct callers (benchmarks, tests) keep nothing beyond running rows.
-        pool.ensure()
-        io, _views = self._cache_binding(pool, first, end)
-        io.bind_output(self.spec.logits_name)  # its shape varies with the chunk: allocated
-        self._bind_inputs(io, input_ids, mask, positions)
-        _run_bound(self._session, io, before_run)
-        # fetch the logits only: the caches are the pool itself
-        return io.get_outputs()[-1].numpy()  # type: ignore[no-any-return]
-
     def _lone_step_is_batched_step(self) -> bool:
         """Whether a one-row decode run gives a row the same logits, bit for bit, as a run of
         several rows. A row's logits never depend on its mates once two or more rows run
@@ -243,7 +261,7 @@ class ChatModel:
         for _ in range(2):
             self.prefill(pool, pool.add(len(prompt) + 1), prompt)
         together = self.decode(pool, [1, 1])[0].copy()
-        pool.used[0] = len(prompt)
+        pool.set_length(0, len(prompt))
         alone = self.decode(pool, [1])[0]
         return bool(np.array_equal(alone, together))
 
@@ -286,16 +304,6 @@ class ChatModel:
         cache.length = total
         # Graphs built with a pruned LM head return one position; others return all of them.
         return np.asarray(logits[0, -1], dtype=np.float32)
-
-
-def _run_bound(session: ort.InferenceSession, io: ort.IOBinding,
-               before_run: Callable[[], None] | None) -> None:
-    if before_run is not None:
-        # The engine wakes the event loop here: waking it hands the GIL over, and the run
-        # below gives it up anyway, so the device thread does not wait for the loop to
-        # finish its work before it can start the run.
-        before_run()
-    session.run_with_iobinding(io)
 
 
 def _logits_width(session: object, name: str) -> int:

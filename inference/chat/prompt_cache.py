@@ -25,7 +25,8 @@ starts with the same tokens copies that prefix into its own row and prefills onl
   prefix nor time it.
 - Entries live only in rows no running sequence needs: running sequences take rows first and
   an entry in the way moves, or is evicted, least recently used first.
-Everything here runs on the engine's device thread.
+Everything here runs on the engine's device thread. It changes the pool through the pool's
+methods, and tells the engine where new sequences start instead of changing them.
 """
 
 from __future__ import annotations
@@ -166,13 +167,16 @@ class PromptCache:
         self.remove(victim, evicted=True)
         return victim.row
 
-    def settle(self, pool: KVPool, rows: list[Choice]) -> None:
+    def settle(self, pool: KVPool, rows: list[Choice]) -> list[tuple[Choice, int]]:
         """Before a run: entries in rows that new sequences were given are taken over in
         place (usually the conversation's previous turn) or moved away; the pool is shaped
-        with the entries carried over; then new sequences copy their best prefix."""
+        with the entries carried over; then new sequences copy their best prefix. Returns
+        where each new sequence starts: the prompt tokens already in its row (0 on a miss),
+        for the engine to record."""
         if not self.enabled:
-            return
+            return []
         fresh = [c for c in rows if c.state == "prefill" and not c.looked_up]
+        starts: dict[int, tuple[Choice, int]] = {}  # by id(choice)
         for row, choice in enumerate(rows):
             entry = self.at(row)
             if entry is None:
@@ -181,11 +185,13 @@ class PromptCache:
                 best, usable = self.lookup(choice.prompt, choice.generation.cache_scope)
                 shared = any(self.lookup(other.prompt, other.generation.cache_scope)[0] is entry
                              for other in fresh
-                             if other is not choice and not other.looked_up)
+                             if other is not choice and id(other) not in starts)
                 if best is entry and not shared and len(entry.tokens) > TAKE_OVER_TOKENS:
                     # taken over in place, no copy
                     self.remove(entry, evicted=False)
-                    self._reuse(pool, choice, None, usable)
+                    self.record(usable)
+                    pool.set_length(choice.row, usable)
+                    starts[id(choice)] = (choice, usable)
                     continue
             target = self._spare_row(pool, len(rows), besides=entry)
             if target is None:
@@ -201,24 +207,15 @@ class PromptCache:
             else:
                 entry.row = moved
         for choice in fresh:
-            if not choice.looked_up:
-                best, usable = self.lookup(choice.prompt, choice.generation.cache_scope)
-                if best is not None:
-                    self.touch(best)
-                self._reuse(pool, choice, best, usable)
-
-    def _reuse(self, pool: KVPool, choice: Choice, entry: CacheEntry | None, tokens: int
-               ) -> None:
-        """Start `choice` with `tokens` of its prompt already in its row (copied from
-        `entry`, or there already)."""
-        choice.looked_up = True
-        self.record(tokens)
-        if tokens:
-            if entry is not None:
-                pool.copy(entry.row, choice.row, tokens)
-            else:
-                pool.used[choice.row] = tokens
-            choice.fed = choice.cached = tokens
+            if id(choice) in starts:
+                continue
+            best, usable = self.lookup(choice.prompt, choice.generation.cache_scope)
+            self.record(usable)
+            if best is not None:
+                self.touch(best)
+                pool.copy(best.row, choice.row, usable)
+            starts[id(choice)] = (choice, usable)
+        return list(starts.values())
 
     def _count(self) -> None:
         self.stats.entries = len(self.entries)

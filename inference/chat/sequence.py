@@ -62,15 +62,15 @@ class Generation:
         prompt-cache entries it may reuse and leaves (see prompt_cache)."""
         self.prompts = prompts
         self.cache_scope = cache_scope
-        # deltas the engine emitted (device thread) and the consumer received (event loop);
-        # plain counters, each written by one side only
-        self.emitted = 0
-        self.received = 0
-        self.paused_at: float | None = None  # device thread: since when it waits for a reader
         self.max_tokens = max_tokens
+        # The device thread's (see inference.chat.engine: ownership)
+        self.emitted = 0  # deltas emitted
+        self.paused_at: float | None = None  # since when it waits for its reader
+        self.cancelled = False  # a cancel or stop-all command reached it
+        self.stop_error: InferenceError | None = None  # what its consumer is told then
+        # The event loop's
         self.send = send
-        self.cancelled = False  # set by the consumer's side, or by stop_all
-        self.stop_error: InferenceError | None = None  # what stop_all tells the consumer
+        self.received = 0  # deltas the consumer took (the device thread reads it, only)
         self.ended = False  # the consumer has been told the end
         self.queued_at = time.monotonic()
         self.admitted_at: float | None = None
@@ -120,6 +120,11 @@ class Choice:
         """KV positions this choice may fill: its prompt, then every completion token but the
         last (which is sampled, never fed back)."""
         return len(self.prompt) + self.generation.max_tokens
+
+    def start_at(self, cached: int) -> None:
+        """The prompt cache was asked: the first `cached` prompt tokens are in the row."""
+        self.looked_up = True
+        self.fed = self.cached = cached
 
     def next_chunk(self, size: int) -> list[int]:
         """The next prompt tokens to prefill."""

@@ -7,6 +7,7 @@ can stand in for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 import anyio
@@ -18,9 +19,21 @@ from inference.errors import InferenceError
 
 class DeltaStream:
     """An async iterator and context manager of `ChatDelta`s over `receive()` and `close()`:
-    leaving the `async with` block, by cancellation too, closes the stream."""
+    leaving the `async with` block, by cancellation too, closes the stream. It counts its own
+    usage as deltas arrive."""
 
     prompt_tokens: int
+    choices: int
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far, every choice together."""
+        raise NotImplementedError
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens reused from the prompt cache, every prompt together."""
+        raise NotImplementedError
 
     async def receive(self) -> ChatDelta:
         raise NotImplementedError
@@ -50,11 +63,24 @@ class GenerationStream(DeltaStream):
     Closing it stops the generation at its next step."""
 
     def __init__(self, gen: Generation,
-                 receive: MemoryObjectReceiveStream[ChatDelta | InferenceError]) -> None:
+                 receive: MemoryObjectReceiveStream[ChatDelta | InferenceError],
+                 cancel: Callable[[Generation], None]) -> None:
+        """`cancel` tells the engine to stop `gen` (a command: see inference.chat.engine)."""
         self._gen = gen
         self._receive = receive
+        self._cancel = cancel
         self.prompt_tokens = gen.prompt_tokens
         self.choices = len(gen.choices)
+        self._completion = [0] * self.choices  # per choice, so far
+        self._cached = [0] * self.choices  # per choice: prompt tokens from the prompt cache
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._completion)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached)
 
     @property
     def queue_seconds(self) -> float | None:
@@ -69,9 +95,11 @@ class GenerationStream(DeltaStream):
         if isinstance(item, InferenceError):
             raise item
         self._gen.received += 1  # a paused generation resumes once its reader catches up
+        self._completion[item.index] = item.completion_tokens
+        self._cached[item.index] = item.cached_tokens
         return item
 
     def close(self) -> None:
         """Stop listening; the scheduler drops the generation before its next step."""
-        self._gen.cancelled = True
+        self._cancel(self._gen)
         self._receive.close()

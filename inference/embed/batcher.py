@@ -9,7 +9,7 @@ The batching rule, in one place:
   within `max_batch_size`, and while each neighbour costs less in the batch than in a run of
   its own: the padding it adds (the padded tokens it brings beyond its own) must not exceed
   `run_cost_tokens`, the fixed cost of a model run counted in padded tokens. Measured on
-  all-MiniLM-L6-v2 with 2 CPU threads (benchmarks/embeddings.py, README): a run costs about
+  all-MiniLM-L6-v2 with 2 CPU threads (benchmarks/embeddings.py): a run costs about
   1.4 ms plus 0.09 ms per padded token, so 16 tokens. Padding is compute thrown away, and on
   a CPU it costs what real tokens cost: batches grown past that bound ran fewer texts per
   second, not more.
@@ -33,6 +33,7 @@ from anyio.abc import TaskStatus
 
 from inference.embed.model import EmbeddingModel, Vector
 from inference.errors import BackendUnavailable, InferenceError, Overloaded
+from inference.limits import EmbeddingLimits
 
 log = logging.getLogger(__name__)
 INLINE_CHARS = 2048  # texts up to this many characters in all tokenize on the event loop
@@ -90,16 +91,17 @@ class _Item:
 class EmbeddingBatcher:
     """Serves `embed()` calls from one `EmbeddingModel`. Call `run()` in a task group first."""
 
-    def __init__(self, model: EmbeddingModel, *, max_batch_size: int = 32,
-                 max_batch_tokens: int = 16384, max_queued_inputs: int = 2048,
+    def __init__(self, model: EmbeddingModel, limits: EmbeddingLimits | None = None, *,
                  run_cost_tokens: int = RUN_COST_TOKENS, window: int | None = None,
                  on_batch: Callable[[int, int, float], None] | None = None) -> None:
+        """`limits`: the server's (`Settings.limits().embedding`); their defaults otherwise."""
+        limits = limits or EmbeddingLimits()
         self.model = model
         self.model_id = model.spec.model_id
         self.stats = BatcherStats()
-        self.max_batch_size = max(1, max_batch_size)
-        self.max_batch_tokens = max(max_batch_tokens, model.spec.max_length)
-        self._max_queued = max_queued_inputs
+        self.max_batch_size = max(1, limits.max_batch_size)
+        self.max_batch_tokens = max(limits.max_batch_tokens, model.spec.max_length)
+        self._max_queued = limits.max_queued_inputs
         self._run_cost = run_cost_tokens
         self.on_batch = on_batch  # (inputs, padded tokens, seconds), for metrics
         self._window = window or 8 * self.max_batch_size

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 
 from inference.embed.spec import EmbeddingModelSpec
 from inference.errors import ContextTooLong, InvalidInput, ModelLoadError
-from inference.providers import EncoderSession, QnnOptions, load_encoder_session
+from inference.limits import QnnOptions
+from inference.providers import EncoderSession, load_encoder_session
 
 Vector = npt.NDArray[np.float32]
 

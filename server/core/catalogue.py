@@ -3,7 +3,7 @@ its models directory (`npugate prepare NAME`), found again on each lookup so tha
 prepared while the server runs is usable at once.
 
 A prepared folder is one with `npugate-manifest.json`, which `npugate prepare` writes last
-(its `id` and `task`). Nothing here loads anything (see `server/loader.py`).
+(its `id` and `task`). Nothing here loads anything (see `server/core/loader.py`).
 """
 
 from __future__ import annotations

@@ -10,12 +10,12 @@ from inference.chat.engine import ChatEngine, RunObserver
 from inference.chat.model import ChatModel
 from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.model import EmbeddingModel
-from server.catalogue import CatalogueEntry
-from server.settings import EngineLimits
+from server.core.catalogue import CatalogueEntry
+from server.settings import ModelLimits
 
 BatchObserver = Callable[[int, int, float], None]
 # What loading costs beyond the weight files, measured as the growth of a fresh process's RSS
-# (README: Models on demand): SmolLM2 237 MiB for 259 MiB of int8 weights (0.92x, its external
+# (docs/configuration.md): SmolLM2 237 MiB for 259 MiB of int8 weights (0.92x, its external
 # data is mapped as read), all-MiniLM-L6-v2 133 MiB for 86 (1.54x), and a fixed 28-35 MiB for
 # the tiny test models (tokenizer, session, arenas). The estimate errs high: 1.5x plus 32 MiB.
 LOAD_FACTOR = 1.5
@@ -34,22 +34,14 @@ def expected_bytes(entry: CatalogueEntry) -> int:
     return int(weights_bytes(entry.path) * LOAD_FACTOR) + FIXED_BYTES
 
 
-def load_engine(entry: CatalogueEntry, limits: EngineLimits,
+def load_engine(entry: CatalogueEntry, limits: ModelLimits,
                 on_batch: BatchObserver | None = None,
                 on_run: RunObserver | None = None) -> ChatEngine | EmbeddingBatcher:
     """Load `entry` and build its engine (not yet running). Raises InferenceError."""
     if entry.task == "chat":
         model = ChatModel.load(entry.path, model_id=entry.id)
-        return ChatEngine(model, max_running=limits.max_running,
-                          max_waiting=limits.max_waiting,
-                          default_max_tokens=limits.max_tokens_limit,
-                          kv_budget_bytes=limits.kv_budget_bytes,
-                          prefill_chunk=limits.prefill_chunk,
-                          prompt_cache=limits.prompt_cache,
-                          prompt_cache_bytes=limits.prompt_cache_bytes, on_run=on_run)
+        return ChatEngine(model, limits.chat, on_run=on_run)
     cache = limits.qnn_cache_dir / entry.id if limits.qnn_cache_dir else None
     emb = EmbeddingModel.load(entry.path, model_id=entry.id, device=limits.embedding_device,
                               cache_dir=cache, qnn=limits.qnn)
-    return EmbeddingBatcher(emb, max_batch_size=limits.embedding_max_batch,
-                            max_batch_tokens=limits.embedding_batch_tokens,
-                            max_queued_inputs=limits.embedding_max_queued, on_batch=on_batch)
+    return EmbeddingBatcher(emb, limits.embedding, on_batch=on_batch)

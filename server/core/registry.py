@@ -3,7 +3,7 @@
 - The models named at start-up load in the background after it, one at a time, so `/health`
   can report `loading` and their requests get 503 until they are ready. One that fails to
   load is reported as failed while the others serve.
-- Any other model of the catalogue (`server/catalogue.py`: every model prepared in the models
+- Any other model of the catalogue (`server/core/catalogue.py`: every model prepared in the models
   directory, also one prepared while the server runs) loads when a request names it. The
   request waits for it, or gets 503 with `Retry-After` once `load_timeout_s` has passed (the
   load goes on, and later requests find it ready).
@@ -32,10 +32,10 @@ from anyio.abc import TaskGroup, TaskStatus
 from inference.chat.engine import ChatEngine, RunObserver
 from inference.embed.batcher import EmbeddingBatcher
 from inference.errors import InferenceError
-from server.catalogue import Catalogue, CatalogueEntry, Task
-from server.errors import APIError, model_not_found
-from server.loader import expected_bytes, load_engine
-from server.settings import EngineLimits
+from server.core.catalogue import Catalogue, CatalogueEntry, Task
+from server.core.errors import APIError, bad_request, model_not_found, unavailable
+from server.core.loader import expected_bytes, load_engine
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 Status = Literal["unloaded", "loading", "ready", "unloading", "failed"]
@@ -114,14 +114,14 @@ class ModelEntry:
 class ModelRegistry:
     """Every model by id; `run()` (in a task group) loads, runs and unloads their engines."""
 
-    def __init__(self, catalogue: Catalogue | None = None, *,
-                 limits: EngineLimits | None = None, keep_alive_s: float = 300.0,
-                 memory_budget_bytes: int = 0, load_timeout_s: float = 60.0) -> None:
+    def __init__(self, catalogue: Catalogue | None = None, settings: Settings | None = None
+                 ) -> None:
+        settings = settings or Settings()
         self.catalogue = catalogue or Catalogue([], None)
-        self.limits = limits or EngineLimits()
-        self.keep_alive_s = keep_alive_s
-        self.memory_budget_bytes = memory_budget_bytes
-        self.load_timeout_s = load_timeout_s
+        self.limits = settings.limits()
+        self.keep_alive_s = settings.keep_alive_s
+        self.memory_budget_bytes = settings.memory_budget_mib * 2**20
+        self.load_timeout_s = settings.load_timeout_s
         self.entries: dict[str, ModelEntry] = {}
         self.on_unload: list[Callable[[str], None]] = []  # e.g. the embedding cache's
         self.started = False  # the start-up models have had their load attempt
@@ -243,18 +243,17 @@ class ModelRegistry:
                            and e.source is not None), key=lambda e: e.last_used)
             if not idle:
                 need = entry.expected_bytes // 2**20
-                raise APIError(503, f"model {entry.id} needs about {need} MiB; the memory "
-                               f"budget of {budget // 2**20} MiB is held by models in use",
-                               type="service_unavailable", code="memory_budget_full",
-                               retry_after_s=5)
+                raise unavailable(f"model {entry.id} needs about {need} MiB; the memory "
+                                  f"budget of {budget // 2**20} MiB is held by models in use",
+                                  code="memory_budget_full")
             log.info("unloading %s to make room for %s", idle[0].id, entry.id)
             await self.unload(idle[0])
 
     async def unload(self, entry: ModelEntry) -> None:
         """Stop taking requests for `entry`, let its in-flight ones finish, free it."""
         if entry.source is None:
-            raise APIError(400, f"model {entry.id} was handed to the server already loaded "
-                           "and cannot be unloaded", param="model", code="model_pinned")
+            raise bad_request(f"model {entry.id} was handed to the server already loaded "
+                              "and cannot be unloaded", param="model", code="model_pinned")
         if entry.status != "ready":
             return
         with anyio.CancelScope(shield=True):  # a caller that leaves must not strand it
@@ -289,9 +288,9 @@ class ModelRegistry:
             raise model_not_found(model)
         if task is not None and entry.task != task:
             served = "/v1/chat/completions" if entry.task == "chat" else "/v1/embeddings"
-            raise APIError(400, f"model {model} is a{'n' if entry.task == 'embedding' else ''} "
-                           f"{entry.task} model; use it with {served}", param="model",
-                           code="wrong_model_task")
+            raise bad_request(f"model {model} is a{'n' if entry.task == 'embedding' else ''} "
+                              f"{entry.task} model; use it with {served}", param="model",
+                              code="wrong_model_task")
         return entry
 
     async def ensure_loaded(self, entry: ModelEntry) -> None:
@@ -299,16 +298,15 @@ class ModelRegistry:
         with anyio.move_on_after(self.load_timeout_s):
             while entry.status != "ready":
                 if entry.status == "failed":
-                    raise APIError(503, f"model {entry.id} failed to load: {entry.error}",
-                                   type="service_unavailable", code="model_failed")
+                    raise unavailable(f"model {entry.id} failed to load: {entry.error}",
+                                      code="model_failed")
                 if entry.status == "unloaded" and self._tg is not None \
                         and entry.source is not None:
                     self._spawn(self._load, entry)
                     entry.set_status("loading")
                 await entry.changed.wait()
             return
-        raise APIError(503, f"model {entry.id} is still loading", type="service_unavailable",
-                       code="model_loading", retry_after_s=5)
+        raise unavailable(f"model {entry.id} is still loading", code="model_loading")
 
     async def load(self, entry: ModelEntry) -> None:
         """An explicit load (admin): like a request's, and it retries a model that failed."""

@@ -10,9 +10,11 @@ import orjson
 from anyio.streams.memory import MemoryObjectReceiveStream
 from quart import Blueprint, g, websocket
 
-from server.security import APIKeys, unauthorized
-from server.serving_ws import AuthenticationFailed, SocketLimits, SocketSession, auth_message_key
-from server.state import app_state
+from server.core.errors import unauthorized
+from server.core.security import APIKeys
+from server.core.state import app_state
+from server.openai.services import services
+from server.ws.session import AuthenticationFailed, SocketLimits, SocketSession, auth_message_key
 
 bp = Blueprint("ws", __name__)
 AUTH_TIMEOUT_S = 10.0
@@ -30,7 +32,8 @@ async def chat_socket() -> None:
     # another connection.
     send, outbox = anyio.create_memory_object_stream[dict[str, Any]](
         max_buffer_size=settings.ws_send_queue)
-    session = SocketSession(state.chat, state.embeddings, send,
+    openai = services()
+    session = SocketSession(openai.chat, openai.embeddings, send,
                             SocketLimits(max_message_bytes=settings.ws_max_message_bytes,
                                          max_conversations=settings.ws_max_conversations),
                             keys=g.api_keys, scope=scope)

@@ -4,14 +4,15 @@ and numpy natively), and SSE streams of a generation's events."""
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from http import HTTPStatus
 from typing import Any
 
 import orjson
 from quart import Response, make_response, request
 
-from server import sse
-from server.generation import Event
-from server.protocol import parse_json_body
+from server.core import sse
+from server.core.errors import bad_request
+from server.core.streaming import Event
 
 
 async def json_body() -> dict[str, Any]:
@@ -21,15 +22,26 @@ async def json_body() -> dict[str, Any]:
     return parse_json_body(raw)
 
 
-async def event_stream(events: AsyncGenerator[Event, None], include_usage: bool) -> Response:
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    return data
+
+
+async def event_stream(events: AsyncGenerator[Event, None]) -> Response:
     """A streamed SSE response of a generation's events (see `sse.frames`)."""
-    response = await make_response(sse.frames(events, include_usage), 200, sse.HEADERS)
+    response = await make_response(sse.frames(events), HTTPStatus.OK, sse.HEADERS)
     assert isinstance(response, Response)
     response.timeout = None  # a stream lasts as long as the generation does
     return response
 
 
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None
+def json_response(payload: Any, status: int = HTTPStatus.OK, headers: dict[str, str] | None = None
                   ) -> Response:
     return Response(orjson.dumps(payload), status=status, headers=headers,
                     content_type="application/json")

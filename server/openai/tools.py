@@ -24,7 +24,7 @@ import orjson
 
 from inference.chat.grammar import JSON_OPTIONS
 from inference.chat.schema_check import check_schema
-from server.errors import bad_request
+from server.core.errors import bad_request
 
 MARKER = '{"tool_calls":['
 MAX_PARALLEL_CALLS = 8

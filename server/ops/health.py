@@ -9,9 +9,10 @@ import time
 
 from quart import Blueprint, Response
 
-from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from server.responses import json_response
-from server.state import app_state
+from server.core.errors import probe_status
+from server.core.http import json_response
+from server.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from server.core.state import app_state
 
 bp = Blueprint("health", __name__)
 
@@ -34,10 +35,10 @@ async def health() -> Response:
             "memory": {"rss_bytes": _rss_bytes(),
                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             "models": models,
-            "embedding_cache": {"enabled": state.embeddings.cache.enabled,
-                                "max_bytes": state.embeddings.cache.max_bytes,
-                                **dataclasses.asdict(state.embeddings.cache.stats)}}
-    return json_response(body, 200 if status in ("ready", "degraded") else 503)
+            "embedding_cache": {"enabled": state.embedding_cache.enabled,
+                                "max_bytes": state.embedding_cache.max_bytes,
+                                **dataclasses.asdict(state.embedding_cache.stats)}}
+    return json_response(body, probe_status(status in ("ready", "degraded")))
 
 
 @bp.get("/health/live")
@@ -50,7 +51,7 @@ async def live() -> Response:
 async def ready() -> Response:
     """Readiness: at least one model serves and none is still loading."""
     status = app_state().status()
-    return json_response({"status": status}, 200 if status in ("ready", "degraded") else 503)
+    return json_response({"status": status}, probe_status(status in ("ready", "degraded")))
 
 
 @bp.get("/metrics")

@@ -1,4 +1,6 @@
-"""What the routes share: settings, the model registry and the services, held on the app."""
+"""What every API surface shares, held on the app: settings, the model registry, metrics,
+the embedding cache and the server's lifecycle. Each surface keeps its own services beside it
+(`server.openai.services`)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,9 @@ from dataclasses import dataclass, field
 import anyio
 from quart import current_app
 
-from server.metrics import Metrics
-from server.registry import ModelRegistry
-from server.serving_chat import ChatService
-from server.serving_completions import CompletionService
-from server.serving_embeddings import EmbeddingService
+from inference.embed.cache import EmbeddingCache
+from server.core.metrics import Metrics
+from server.core.registry import ModelRegistry
 from server.settings import Settings
 
 
@@ -20,10 +20,8 @@ from server.settings import Settings
 class AppState:
     settings: Settings
     registry: ModelRegistry
-    chat: ChatService
-    completions: CompletionService
-    embeddings: EmbeddingService
     metrics: Metrics
+    embedding_cache: EmbeddingCache
     started: float = field(default_factory=time.monotonic)
     draining: bool = False  # shutting down: no new work
     sockets: set[anyio.CancelScope] = field(default_factory=set)  # open /v1/ws connections

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from inference.chat.engine import ChatDelta, DeltaStream, GenerationStream
 from inference.embed.cache import EmbeddingCache
-from server.registry import ModelRegistry
+from server.core.registry import ModelRegistry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -118,7 +118,8 @@ class ChatRunObserver:
 
 
 class MeteredStream(DeltaStream):
-    """A `GenerationStream` that records TTFT, inter-token, queue and end-to-end latency."""
+    """A `GenerationStream` that records TTFT, inter-token, queue and end-to-end latency (the
+    stream counts its usage itself)."""
 
     def __init__(self, stream: GenerationStream, metrics: Metrics, model: str,
                  endpoint: str) -> None:
@@ -131,23 +132,17 @@ class MeteredStream(DeltaStream):
         self._closed = False
         self.prompt_tokens = stream.prompt_tokens
         self.choices = stream.choices
-        self._completion = [0] * stream.choices  # per choice, so far
-        self._cached = [0] * stream.choices  # per choice: prompt tokens from the prompt cache
 
     @property
     def completion_tokens(self) -> int:
-        """Tokens generated so far, every choice together."""
-        return sum(self._completion)
+        return self._stream.completion_tokens
 
     @property
     def cached_tokens(self) -> int:
-        """Prompt tokens reused from the prompt cache, every prompt together."""
-        return sum(self._cached)
+        return self._stream.cached_tokens
 
     async def receive(self) -> ChatDelta:
         delta = await self._stream.receive()
-        self._completion[delta.index] = delta.completion_tokens
-        self._cached[delta.index] = delta.cached_tokens
         now = time.perf_counter()
         if self._last is None:
             self._m.ttft.labels(self._model).observe(now - self._started)

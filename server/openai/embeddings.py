@@ -15,15 +15,15 @@ import numpy as np
 from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.cache import EmbeddingCache
 from inference.embed.model import Vector
-from server.errors import APIError, bad_request
-from server.protocol import EmbeddingRequest, parse_model
-from server.registry import ModelRegistry
+from server.core.errors import bad_request, too_large
+from server.core.registry import ModelRegistry
+from server.openai.wire import EmbeddingRequest, parse_model
 
 
 class EmbeddingService:
     """Serves `/v1/embeddings` from the registry's batchers, through the embedding cache."""
 
-    def __init__(self, registry: ModelRegistry, *, max_inputs: int = 2048,
+    def __init__(self, registry: ModelRegistry, *, max_inputs: int,
                  cache: EmbeddingCache | None = None) -> None:
         self._registry = registry
         self.max_inputs = max_inputs
@@ -36,9 +36,9 @@ class EmbeddingService:
         if isinstance(raw, list) and raw:
             lists = [raw] if isinstance(raw[0], int) else raw
             if len(lists) > self.max_inputs:
-                raise APIError(413, f"input has {len(lists)} items; at most {self.max_inputs} "
-                               "are allowed per request", param="input",
-                               code="too_many_inputs")
+                raise too_large(f"input has {len(lists)} items; at most {self.max_inputs} "
+                                "are allowed per request", param="input",
+                                code="too_many_inputs")
             model = body.get("model")
             batcher = self._registry.loaded_embedding(model) if isinstance(model, str) \
                 else None

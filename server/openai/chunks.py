@@ -1,32 +1,18 @@
-"""The one loop that reads a generation, and the OpenAI chunk shapes it writes.
-
-`events` serves every transport and both APIs: SSE and non-streamed `/v1/chat/completions`,
-the WebSocket, and legacy `/v1/completions`. A writer gives the chunks their shape
-(`chat.completion.chunk` or `text_completion`); routes only frame what `events` yields, and
-non-streamed answers are assembled from the same chunks (`collect`).
-"""
+"""OpenAI's chunk shapes (`chat.completion.chunk`, `text_completion`), the usage and
+log-probability objects, and whole answers assembled from the chunks (`collect`)."""
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import anyio
-
-from inference.chat.engine import ChatDelta
-from inference.chat.sequence import LoggedToken
-from inference.errors import InferenceError
-from server.errors import APIError, to_api_error
-from server.metrics import MeteredStream
-from server.tools import ToolCallParser
-
-# What `events` yields: a chunk, None when the generation was silent for the idle interval
-# (SSE sends a ping), or the error that ended it after streaming began.
-Event = dict[str, Any] | APIError | None
+from inference.chat.sequence import ChatDelta, LoggedToken
+from server.core.errors import APIError
+from server.core.streaming import Event
+from server.openai.tools import ToolCallParser
 
 
 def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
@@ -34,12 +20,6 @@ def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-class ChunkShape(Protocol):
-    def opening(self, choices: int) -> list[dict[str, Any]]: ...
-    def deltas(self, delta: ChatDelta) -> list[dict[str, Any]]: ...
-    def usage(self, prompt: int, completion: int, cached: int) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -144,28 +124,15 @@ def is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return not chunk["choices"]
 
 
-async def events(stream: MeteredStream, shape: ChunkShape, *, idle_s: float | None = None
-                 ) -> AsyncGenerator[Event, None]:
-    """Chunks as the generation's choices decode, then one usage chunk (choices empty).
-    Closing the iterator, by cancellation too, stops the generation."""
-    async with stream:
-        for chunk in shape.opening(stream.choices):
-            yield chunk
-        while True:
-            item: ChatDelta | APIError | None = None
-            with anyio.move_on_after(idle_s if idle_s is not None else math.inf) as idle:
-                item = await _next(stream)
-            if idle.cancelled_caught:
-                yield None
-                continue
-            if item is None:
-                break
-            if isinstance(item, APIError):
-                yield item
-                return
-            for chunk in shape.deltas(item):
-                yield chunk
-    yield shape.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
+async def without_usage(events: AsyncGenerator[Event, None]) -> AsyncGenerator[Event, None]:
+    """`events` less the usage chunk (a stream that did not ask for it). Closing this closes
+    `events`."""
+    try:
+        async for event in events:
+            if not (isinstance(event, dict) and is_usage_chunk(event)):
+                yield event
+    finally:
+        await events.aclose()
 
 
 @dataclass
@@ -214,10 +181,3 @@ async def collect(chunks: AsyncGenerator[Event, None], text_of: str) -> Collecte
                      logprobs)
 
 
-async def _next(stream: MeteredStream) -> ChatDelta | APIError | None:
-    try:
-        return await stream.receive()
-    except anyio.EndOfStream:
-        return None
-    except InferenceError as exc:
-        return to_api_error(exc)

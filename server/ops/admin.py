@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, request
 
-from server.errors import APIError
-from server.responses import json_response
-from server.routes.models import model_object
-from server.security import APIKeys, unauthorized
-from server.state import app_state
+from server.core.errors import forbidden, unauthorized
+from server.core.http import json_response
+from server.core.security import APIKeys
+from server.core.state import app_state
+from server.openai.routes import model_object
 
 bp = Blueprint("admin", __name__)
 
@@ -20,8 +20,8 @@ bp = Blueprint("admin", __name__)
 def _check_admin() -> None:
     keys = APIKeys(app_state().settings.admin_keys)
     if not keys.enabled:
-        raise APIError(403, "admin endpoints are off; start the server with --admin-key-file "
-                       "or NPUGATE_ADMIN_KEYS", type="permission_error", code="admin_disabled")
+        raise forbidden("admin endpoints are off; start the server with --admin-key-file or "
+                        "NPUGATE_ADMIN_KEYS", type="permission_error", code="admin_disabled")
     header = request.headers.get("Authorization")
     if not keys.check_header(header):
         raise unauthorized(provided=header is not None)

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from server.errors import APIError
-from server.generation import Event, is_usage_chunk
+from server.core.errors import APIError
+from server.core.streaming import Event
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -25,10 +25,9 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def frames(events: AsyncGenerator[Event, None], include_usage: bool
-                 ) -> AsyncIterator[bytes]:
-    """Frame a generation's events: chunks as `data:` events (the usage chunk only when asked
-    for), pings for silences, an error after the stream started as one event, then [DONE].
+async def frames(events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
+    """Frame a generation's events: chunks as `data:` events, pings for silences, an error
+    after the stream started as one event, then [DONE].
     Leaving this generator for any reason (client gone included) closes `events`, which stops
     the generation at its next step."""
     async with aclosing(events):
@@ -37,6 +36,6 @@ async def frames(events: AsyncGenerator[Event, None], include_usage: bool
                 yield PING
             elif isinstance(item, APIError):  # headers are gone: report in-band, then end
                 yield event(item.body())
-            elif include_usage or not is_usage_chunk(item):
+            else:
                 yield event(item)
     yield DONE

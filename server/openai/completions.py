@@ -13,11 +13,12 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from inference.chat.engine import ChatEngine
-from server.generation import CompletionChunks, Event, collect, events
-from server.metrics import MeteredStream, Metrics
-from server.protocol import CompletionRequest, parse_model
-from server.registry import ModelRegistry
-from server.serving_chat import sampling_params
+from server.core.metrics import MeteredStream, Metrics
+from server.core.registry import ModelRegistry
+from server.core.streaming import Event, events
+from server.openai.chat import sampling_params
+from server.openai.chunks import CompletionChunks, collect
+from server.openai.wire import CompletionRequest, parse_model
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -26,7 +27,7 @@ class CompletionService:
     """Serves `/v1/completions` from the registry's chat engines."""
 
     def __init__(self, registry: ModelRegistry, metrics: Metrics, *,
-                 max_tokens_limit: int = 4096) -> None:
+                 max_tokens_limit: int) -> None:
         self._registry = registry
         self._metrics = metrics
         self._max_tokens_limit = max_tokens_limit
@@ -63,7 +64,7 @@ class CompletionService:
     def events(self, req: CompletionRequest, stream: MeteredStream, echo: list[str], *,
                include_usage: bool, idle_s: float | None = None
                ) -> AsyncGenerator[Event, None]:
-        """The generation as `text_completion` chunks (see `server.generation.events`)."""
+        """The generation as `text_completion` chunks (see `server.core.streaming.events`)."""
         shape = CompletionChunks(model=req.model, include_usage=include_usage, echo=echo)
         return events(stream, shape, idle_s=idle_s)
 

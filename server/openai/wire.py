@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.errors import APIError, bad_request
+from server.core.errors import APIError, bad_request
 
 M = TypeVar("M", bound=BaseModel)
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
@@ -320,17 +319,6 @@ class ChatCompletionRequest(GenerationRequest):
         if not self.tools:
             return "none"
         return self.tool_choice if self.tool_choice is not None else "auto"
-
-
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """Decode a request body that must be a JSON object."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    return data
 
 
 def parse_model(model: type[M], data: dict[str, Any]) -> M:

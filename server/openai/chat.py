@@ -16,12 +16,13 @@ from inference.chat.engine import ChatEngine, Constraint, GenerationStream
 from inference.chat.grammar import json_schema_grammar
 from inference.chat.sampling import MIN_TEMPERATURE, SamplingParams
 from inference.chat.spec import SamplingDefaults
-from server import tools
-from server.errors import APIError
-from server.generation import ChatChunks, Event, collect, events
-from server.metrics import MeteredStream, Metrics
-from server.protocol import ChatCompletionRequest, GenerationRequest, parse_model
-from server.registry import ModelRegistry
+from server.core.errors import bad_request, too_large
+from server.core.metrics import MeteredStream, Metrics
+from server.core.registry import ModelRegistry
+from server.core.streaming import Event, events
+from server.openai import tools
+from server.openai.chunks import ChatChunks, collect
+from server.openai.wire import ChatCompletionRequest, GenerationRequest, parse_model
 
 
 def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_tokens_limit: int
@@ -29,8 +30,8 @@ def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_toke
     """A request's sampling; fields it leaves unset take the model folder's defaults."""
     limit = req.completion_limit()
     if limit is not None and limit > max_tokens_limit:
-        raise APIError(400, f"max_tokens {limit} exceeds this server's limit of "
-                       f"{max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+        raise bad_request(f"max_tokens {limit} exceeds this server's limit of "
+                          f"{max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
     temperature = defaults.temperature if req.temperature is None else req.temperature
     if req.n > 1 and req.temperature is None and temperature < MIN_TEMPERATURE:
         # n greedy choices would be n copies of one answer: a request for alternatives that
@@ -47,8 +48,8 @@ def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_toke
 class ChatService:
     """Serves `/v1/chat/completions` from the registry's engines."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, *, max_messages: int = 2048,
-                 max_tokens_limit: int = 4096) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, *, max_messages: int,
+                 max_tokens_limit: int) -> None:
         self._registry = registry
         self._metrics = metrics
         self._max_messages = max_messages
@@ -60,15 +61,15 @@ class ChatService:
         messages = body.get("messages")
         if isinstance(messages, list):
             if len(messages) > self._max_messages:
-                raise APIError(413, f"{len(messages)} messages; this server accepts at most "
-                               f"{self._max_messages} per request", param="messages",
-                               code="too_many_messages")
+                raise too_large(f"{len(messages)} messages; this server accepts at most "
+                                f"{self._max_messages} per request", param="messages",
+                                code="too_many_messages")
             parts = sum(len(m["content"]) for m in messages
                         if isinstance(m, dict) and isinstance(m.get("content"), list))
             if parts > self._max_messages:
-                raise APIError(413, f"{parts} content parts; this server accepts at most "
-                               f"{self._max_messages} per request", param="messages",
-                               code="too_many_content_parts")
+                raise too_large(f"{parts} content parts; this server accepts at most "
+                                f"{self._max_messages} per request", param="messages",
+                                code="too_many_content_parts")
         return parse_model(ChatCompletionRequest, body)
 
     async def start(self, req: ChatCompletionRequest, endpoint: str, scope: str
@@ -115,7 +116,7 @@ class ChatService:
 
     def events(self, req: ChatCompletionRequest, stream: MeteredStream, *,
                include_usage: bool, idle_s: float | None = None) -> AsyncGenerator[Event, None]:
-        """The generation as `chat.completion.chunk`s (see `server.generation.events`)."""
+        """The generation as `chat.completion.chunk`s (see `server.core.streaming.events`)."""
         mode = req.tool_mode()
         return events(stream, ChatChunks(
             model=req.model, include_usage=include_usage, logprobs=req.logprobs,

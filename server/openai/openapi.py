@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from server.openai.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -51,7 +51,7 @@ def openapi_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "npugate", "version": "0.1.0",
                  "description": "OpenAI-compatible local inference (chat and embeddings). "
-                                "WebSocket protocol at /v1/ws: see the README."},
+                                "WebSocket protocol at /v1/ws: see docs/api.md."},
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}, {}],
@@ -73,7 +73,7 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string"}}],
                 "responses": {"200": _json("A model"), **_errors(401, 404)}}},
             **{f"/v1/admin/models/{{model_id}}/{verb}": {"post": {
-                "summary": f"{verb.capitalize()} a model (admin key: see the README)",
+                "summary": f"{verb.capitalize()} a model (admin key: see docs/deployment.md)",
                 "parameters": [{"name": "model_id", "in": "path", "required": True,
                                 "schema": {"type": "string"}}],
                 "responses": {"200": _json("The model, as /v1/models lists it"),

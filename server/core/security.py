@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from server.errors import APIError
-
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -69,12 +67,6 @@ class APIKeys:
 
     def check_header(self, authorization: str | None) -> bool:
         return self.header_scope(authorization) is not None
-
-
-def unauthorized(provided: bool) -> APIError:
-    message = ("Incorrect API key provided" if provided else
-               "Missing API key: send 'Authorization: Bearer <key>'")
-    return APIError(401, message, type="authentication_error", code="invalid_api_key")
 
 
 def read_key_file(path: str) -> list[str]:

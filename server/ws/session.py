@@ -33,20 +33,30 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from inference.errors import InferenceError
-from server.errors import APIError, bad_request, internal_error, to_api_error
-from server.generation import is_usage_chunk, usage
-from server.metrics import MeteredStream
-from server.security import OPEN_SCOPE, APIKeys, unauthorized
-from server.serving_chat import ChatService
-from server.serving_embeddings import EmbeddingService
+from server.core.errors import (
+    APIError,
+    bad_request,
+    internal_error,
+    overloaded,
+    to_api_error,
+    too_large,
+    unauthorized,
+)
+from server.core.metrics import MeteredStream
+from server.core.security import OPEN_SCOPE, APIKeys
+from server.openai.chat import ChatService
+from server.openai.chunks import is_usage_chunk, usage
+from server.openai.embeddings import EmbeddingService
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SocketLimits:
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_conversations: int = 8
+    """Per socket, from Settings (`ws_max_message_bytes`, `ws_max_conversations`)."""
+
+    max_message_bytes: int
+    max_conversations: int
 
 
 class AuthenticationFailed(Exception):
@@ -92,8 +102,8 @@ class SocketSession:
     async def dispatch(self, raw: str | bytes, tg: TaskGroup) -> None:
         """Handle one message. Raises `AuthenticationFailed` when the socket must close."""
         if len(raw) > self._limits.max_message_bytes:
-            await self._error(None, APIError(
-                413, f"message of {len(raw)} bytes exceeds the limit of "
+            await self._error(None, too_large(
+                f"message of {len(raw)} bytes exceeds the limit of "
                 f"{self._limits.max_message_bytes}", code="message_too_large"))
             return
         try:
@@ -136,9 +146,9 @@ class SocketSession:
             await self._error(cid, bad_request(f"id {cid!r} is already in use", param="id"))
             return
         if len(self._active) >= self._limits.max_conversations:
-            await self._error(cid, APIError(
-                429, f"at most {self._limits.max_conversations} conversations per socket",
-                type="rate_limit_error", code="too_many_conversations"))
+            await self._error(cid, overloaded(
+                f"at most {self._limits.max_conversations} conversations per socket",
+                retry_after_s=1.0, code="too_many_conversations"))
             return
         request = msg.get("request")
         if not isinstance(request, dict):

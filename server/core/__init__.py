@@ -1,0 +1,1 @@
+"""What every API surface shares (see the package map in `server/__init__.py`)."""

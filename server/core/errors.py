@@ -1,0 +1,126 @@
+"""The one place that turns errors into HTTP statuses and OpenAI error bodies.
+
+Every status the server answers with comes from here: the server layer raises one of the
+constructors below (never `APIError(<status>, ...)` itself), `InferenceError`s from
+`inference/` are mapped by `to_api_error`, and the framework's own errors (404, 405, 408, 413)
+by `from_http_exception`. Every 429 and 503 carries `Retry-After`. A test
+(`tests/test_house.py`) fails on a literal status anywhere else in `server/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from werkzeug.exceptions import HTTPException
+
+from inference.errors import (
+    BackendUnavailable,
+    ContextTooLong,
+    InferenceError,
+    InvalidInput,
+    ModelLoadError,
+    Overloaded,
+)
+
+
+@dataclass
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+    retry_after_s: float | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+RETRY_AFTER_S = 5.0  # what a 503 asks clients to wait when nothing better is known
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unauthorized(provided: bool) -> APIError:
+    message = ("Incorrect API key provided" if provided else
+               "Missing API key: send 'Authorization: Bearer <key>'")
+    return APIError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def forbidden(message: str, *, code: str, type: str = "invalid_request_error") -> APIError:
+    return APIError(403, message, type=type, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist or is not served here",
+                    param="model", code="model_not_found")
+
+
+def too_large(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    """A request over one of the server's size or count limits."""
+    return APIError(413, message, param=param, code=code)
+
+
+def unsupported_media_type(message: str) -> APIError:
+    return APIError(415, message, code="unsupported_media_type")
+
+
+def headers_too_large(message: str) -> APIError:
+    return APIError(431, message, code="request_header_fields_too_large")
+
+
+def overloaded(message: str, retry_after_s: float, *, code: str = "overloaded") -> APIError:
+    return APIError(429, message, type="rate_limit_error", code=code,
+                    retry_after_s=retry_after_s)
+
+
+def unavailable(message: str, *, code: str, retry_after_s: float = RETRY_AFTER_S) -> APIError:
+    """503: the server cannot serve this now (shutting down, a model loading or failed, no
+    memory for it); always with Retry-After."""
+    return APIError(503, message, type="service_unavailable", code=code,
+                    retry_after_s=retry_after_s)
+
+
+def probe_status(serving: bool) -> int:
+    """A health probe's status: 200 while serving, else 503."""
+    return HTTPStatus.OK if serving else HTTPStatus.SERVICE_UNAVAILABLE
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+              413: "payload_too_large"}
+
+
+def from_http_exception(err: HTTPException) -> APIError:
+    """The framework's own errors (unknown path, wrong method, slow or large body)."""
+    status = err.code or 500
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return APIError(status, err.description or err.name, type=kind, code=HTTP_CODES.get(status))
+
+
+def to_api_error(exc: InferenceError) -> APIError:
+    """Map the inference layer's exception tree to statuses (400/429/503/500)."""
+    if isinstance(exc, ContextTooLong):
+        return APIError(400, exc.message, param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, InvalidInput):
+        return APIError(400, exc.message, param=exc.param)
+    if isinstance(exc, Overloaded):
+        return overloaded(exc.message, exc.retry_after_s)
+    if isinstance(exc, BackendUnavailable | ModelLoadError):
+        return unavailable(exc.message, code="backend_unavailable")
+    return APIError(500, exc.message, type="server_error")
+
+
+def internal_error() -> APIError:
+    return APIError(500, "The server had an internal error; see its log", type="server_error")

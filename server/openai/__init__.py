@@ -1,0 +1,1 @@
+"""The OpenAI API: chat and legacy completions, embeddings, models (`/v1/...`)."""

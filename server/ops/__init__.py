@@ -1,0 +1,1 @@
+"""Operations: health probes and `/metrics`, admin endpoints, the browser chat page."""

@@ -1,1 +1,0 @@
-"""Thin routes: parse, call a service, map its result to a response."""
