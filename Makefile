@@ -41,6 +41,7 @@ bench: prepare
 	$(BIN)/python benchmarks/limits.py
 	$(BIN)/python benchmarks/prompt_cache.py
 	$(BIN)/python benchmarks/structured.py
+	$(BIN)/python benchmarks/tools.py
 	$(BIN)/python benchmarks/embeddings.py
 	$(BIN)/python benchmarks/batch_invariance.py
 	$(BIN)/python benchmarks/soak.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import subprocess
@@ -25,20 +26,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(*args: str, ready_s: float = 120) -> Iterator[str]:
+def served(*args: str, ready_s: float = 120, tree: Path = REPO) -> Iterator[str]:
     """Run `npugate serve ARGS` on a free loopback port; yield its base URL once /health is
-    200, and stop it on exit."""
-    with served_process(*args, ready_s=ready_s) as (base, _):
+    200, and stop it on exit. `tree`: the checkout whose server runs (another commit's, for a
+    baseline measured in the same run)."""
+    with served_process(*args, ready_s=ready_s, tree=tree) as (base, _):
         yield base
 
 
 @contextmanager
-def served_process(*args: str, ready_s: float = 120
+def served_process(*args: str, ready_s: float = 120, tree: Path = REPO
                    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`served`, yielding the server's process too (to read its memory)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                             "--log-level", "warning", *args], cwd=REPO)
+                             "--log-level", "warning", *args], cwd=tree,
+                            env={**os.environ, "PYTHONPATH": str(tree)})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_s

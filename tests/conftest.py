@@ -5,6 +5,7 @@ a real server process on a loopback port."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import socket
@@ -195,21 +196,26 @@ class LiveServer:
         self._log.close()
 
 
-NODE_OPENAI = "7.59.0"  # the official `openai` npm package, pinned
+# npm packages the client tests run, pinned: the official Node SDK, zod (for its zodFunction
+# helper) and the Vercel AI SDK with its OpenAI provider
+NODE_PACKAGES = {"openai": "7.59.0", "zod": "4.6.7", "ai": "7.0.185", "@ai-sdk/openai": "4.0.126"}
 
 
 @pytest.fixture(scope="session")
 def node_openai() -> Path:
-    """The official Node SDK, installed from the npm registry once and cached."""
+    """A folder with the pinned npm packages, installed from the npm registry once and
+    cached: a script written into it imports them."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         raise RuntimeError("the Node SDK test needs node and npm (apt-get install nodejs npm)")
-    folder = default_models_dir().parent / "node" / f"openai-{NODE_OPENAI}"
-    if not (folder / "node_modules" / "openai" / "package.json").is_file():
+    specs = [f"{name}@{version}" for name, version in NODE_PACKAGES.items()]
+    key = hashlib.sha256(" ".join(specs).encode()).hexdigest()[:12]
+    folder = default_models_dir().parent / "node" / f"packages-{key}"
+    if not (folder / "installed").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run([npm, "install", "--silent", "--no-audit", "--no-fund",
-                        "--prefix", str(folder), f"openai@{NODE_OPENAI}"], check=True,
-                       timeout=300)
+                        "--prefix", str(folder), *specs], check=True, timeout=600)
+        (folder / "installed").write_text(" ".join(specs))
     return folder
 
 

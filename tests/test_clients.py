@@ -165,3 +165,129 @@ def test_langchain_structured_output_and_tools(live_server: LiveServer) -> None:
     calls = message.tool_calls  # type: ignore[attr-defined]
     assert calls and calls[0]["name"] == "get_weather"
     assert isinstance(calls[0]["args"].get("city"), str) and calls[0]["id"]
+
+
+def test_langchain_strict_named_binding_gets_one_valid_call(live_server: LiveServer) -> None:
+    """`bind_tools(strict=True, tool_choice=name)`: exactly one call, whose arguments hold the
+    function's properties and nothing else (it once got several, the last one `{}`). The
+    strings are bounded, as docs/integrations.md advises: a 135M model may write an unbounded
+    one until max_tokens."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class ConvertUnits(BaseModel):
+        """Convert an amount from one unit to another."""
+
+        amount: int = Field(ge=0, le=100000)
+        source: str = Field(max_length=20)
+        target: str = Field(max_length=20)
+
+    chat = ChatOpenAI(model=SMOL, base_url=live_server.base_url + "/v1", api_key="unused",
+                      temperature=0, max_completion_tokens=120)
+    bound = chat.bind_tools([ConvertUnits], tool_choice="ConvertUnits", strict=True)
+    for ask in ("Convert 12 miles to kilometres.", "How many pounds is 3 kg?"):
+        message = bound.invoke(ask)
+        calls = message.tool_calls  # type: ignore[attr-defined]
+        assert len(calls) == 1 and calls[0]["name"] == "ConvertUnits"
+        args = calls[0]["args"]
+        assert set(args) == {"amount", "source", "target"}, args
+        assert isinstance(args["amount"], int) and isinstance(args["source"], str)
+
+
+# The OpenAI Agents SDK, on chat completions (its Responses path waits for /v1/responses), in
+# its own process: it keeps event loops and its tracing thread to the end.
+AGENTS_SCRIPT = """
+import json, sys
+from agents import (Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
+                    set_tracing_disabled)
+from openai import AsyncOpenAI
+
+set_tracing_disabled(True)  # else it exports traces to OpenAI
+base, smol = sys.argv[1], sys.argv[2]
+ran = []
+
+@function_tool
+def get_weather(city: str) -> str:
+    '''Get the current weather in a city.'''
+    ran.append(city)
+    return f"sunny and 21 C in {city}"
+
+model = OpenAIChatCompletionsModel(model=smol, openai_client=AsyncOpenAI(
+    base_url=base, api_key="unused", max_retries=0))
+# After a call the SDK resets tool_choice to auto, where this model calls the tool again
+# whenever a call is in the conversation: the agent stops at its first tool's result
+agent = Agent(name="weather", instructions="Answer with the weather tool.", model=model,
+              tools=[get_weather], tool_use_behavior="stop_on_first_tool",
+              model_settings=ModelSettings(tool_choice="required", temperature=0,
+                                           max_tokens=100))
+result = Runner.run_sync(agent, "What is the weather in Paris right now?", max_turns=6)
+calls = [item for item in result.new_items if item.type == "tool_call_item"]
+print(json.dumps({"ran": ran, "calls": len(calls), "turns": len(result.raw_responses),
+                  "output": str(result.final_output)}))
+"""
+
+
+def test_agents_sdk_with_a_required_tool_finishes_within_its_turns(
+        live_server: LiveServer) -> None:
+    """`tool_choice="required"` once ran the tool 20 times and raised MaxTurnsExceeded: each
+    answer held several calls. Now the model's turn makes one call, which the tool runs once,
+    and the run ends with its result."""
+    out = subprocess.run([sys.executable, "-c", AGENTS_SCRIPT, live_server.base_url + "/v1",
+                          SMOL], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["turns"] == 1 and result["calls"] == 1 and len(result["ran"]) == 1
+    assert isinstance(result["ran"][0], str) and result["ran"][0]
+    assert result["output"] == f"sunny and 21 C in {result['ran'][0]}"
+
+
+# The Node SDK's zodFunction (strict tools, parsed arguments) with a named tool, and the Vercel
+# AI SDK's tool loop with toolChoice "required", on chat completions
+NODE_TOOLS_SCRIPT = """
+import OpenAI from "openai";
+import { zodFunction } from "openai/helpers/zod";
+import { z } from "zod";
+import { createOpenAI } from "@ai-sdk/openai";
+import { generateText, stepCountIs, tool } from "ai";
+
+const base = process.env.BASE_URL;
+const client = new OpenAI({ baseURL: base, apiKey: "unused", maxRetries: 0 });
+const Convert = z.object({ amount: z.number().int().min(0).max(100000),
+                           source: z.string().max(20), target: z.string().max(20) });
+const parsed = await client.chat.completions.parse({
+  model: "smollm2-135m-instruct", temperature: 0, max_tokens: 120,
+  messages: [{ role: "user", content: "Convert 12 miles to kilometres." }],
+  tools: [zodFunction({ name: "convert_units", parameters: Convert })],
+  tool_choice: { type: "function", function: { name: "convert_units" } } });
+const calls = parsed.choices[0].message.tool_calls;
+
+const provider = createOpenAI({ baseURL: base, apiKey: "unused" });
+const ran = [];
+const result = await generateText({
+  model: provider.chat("smollm2-135m-instruct"), temperature: 0, maxOutputTokens: 100,
+  prompt: "What is the weather in Paris right now?",
+  tools: { get_weather: tool({ description: "Get the current weather in a city",
+                               inputSchema: z.object({ city: z.string().max(30) }),
+                               execute: async ({ city }) => { ran.push(city);
+                                                              return `sunny in ${city}`; } }) },
+  toolChoice: "required", stopWhen: stepCountIs(2) });
+console.log(JSON.stringify({
+  zod: { calls: calls.length, name: calls[0].function.name,
+         parsed: calls[0].function.parsed_arguments },
+  ai: { steps: result.steps.map((s) => s.toolCalls.length), ran } }));
+"""
+
+
+def test_node_zod_function_and_the_vercel_ai_sdk_make_one_call_per_step(
+        live_server: LiveServer, node_openai: Path) -> None:
+    """zodFunction with a named tool once got LengthFinishReasonError (many calls, the last
+    cut off); the AI SDK with toolChoice "required" got 5 to 8 identical calls per step."""
+    script = node_openai / "tools.mjs"
+    script.write_text(NODE_TOOLS_SCRIPT)
+    out = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "BASE_URL": live_server.base_url + "/v1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["zod"]["calls"] == 1 and result["zod"]["name"] == "convert_units"
+    assert set(result["zod"]["parsed"]) == {"amount", "source", "target"}
+    assert result["ai"]["steps"] == [1, 1] and len(result["ai"]["ran"]) == 2

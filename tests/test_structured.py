@@ -15,6 +15,7 @@ import pytest
 from openai.types.chat import ChatCompletionTokenLogprob
 from pydantic import BaseModel, Field
 
+from server.openai.tools import strict_arguments
 from tests.conftest import LiveServer
 
 SMOL = "smollm2-135m-instruct"
@@ -141,7 +142,10 @@ def test_a_schema_the_library_cannot_compile_gets_400(client: openai.OpenAI,
 
 
 def _arguments_valid(call_args: str, tool: dict) -> None:  # type: ignore[type-arg]
-    jsonschema.validate(json.loads(call_args), tool["function"]["parameters"])
+    """The arguments hold the function's properties and nothing else: every object in the
+    schema closed, as OpenAI's strict mode reads it."""
+    closed = strict_arguments(tool["function"]["parameters"])
+    jsonschema.validate(json.loads(call_args), closed)
 
 
 def test_streamed_tool_call_assembles_into_valid_arguments(client: openai.OpenAI) -> None:
@@ -171,24 +175,51 @@ def test_tool_choice_none_required_and_named_are_obeyed(client: openai.OpenAI) -
                                           tools=[WEATHER, TIME], tool_choice="none",
                                           temperature=0, max_tokens=30)
     assert none.choices[0].message.tool_calls is None and none.choices[0].message.content
+    # required: one call unless parallel calls are asked for
     required = client.chat.completions.create(
         model=SMOL, messages=ASK, tools=[WEATHER, TIME],  # type: ignore[arg-type]
         tool_choice="required", temperature=0, max_tokens=100)
     assert required.choices[0].finish_reason == "tool_calls"
-    assert required.choices[0].message.tool_calls
-    for call in required.choices[0].message.tool_calls:
+    assert len(required.choices[0].message.tool_calls or []) == 1
+    for call in required.choices[0].message.tool_calls or []:
         assert call.function.name in ("get_weather", "get_time")
-    named = client.chat.completions.create(
+    parallel = client.chat.completions.create(
         model=SMOL, messages=ASK, tools=[WEATHER, TIME], temperature=0,  # type: ignore
-        max_tokens=100, tool_choice={"type": "function", "function": {"name": "get_time"}})
-    calls = named.choices[0].message.tool_calls
-    assert calls and all(c.function.name == "get_time" for c in calls)
-    assert named.choices[0].message.content is None
-    _arguments_valid(calls[0].function.arguments, TIME)
-    single = client.chat.completions.create(
-        model=SMOL, messages=ASK, tools=[WEATHER, TIME], temperature=0,  # type: ignore
-        max_tokens=100, tool_choice="required", parallel_tool_calls=False)
-    assert len(single.choices[0].message.tool_calls or []) == 1
+        max_tokens=200, tool_choice="required", parallel_tool_calls=True)
+    assert 1 <= len(parallel.choices[0].message.tool_calls or []) <= 8
+    # a named function: exactly one call, even when parallel calls are asked for
+    for flag in (None, True, False):
+        extra = {} if flag is None else {"parallel_tool_calls": flag}
+        named = client.chat.completions.create(
+            model=SMOL, messages=ASK, tools=[WEATHER, TIME], temperature=0,  # type: ignore
+            max_tokens=100, tool_choice={"type": "function", "function": {"name": "get_time"}},
+            **extra)
+        calls = named.choices[0].message.tool_calls
+        assert calls and len(calls) == 1 and calls[0].function.name == "get_time"
+        assert named.choices[0].message.content is None
+        assert named.choices[0].finish_reason == "tool_calls"
+        _arguments_valid(calls[0].function.arguments, TIME)
+
+
+def test_open_argument_schemas_get_only_their_properties(client: openai.OpenAI) -> None:
+    """A schema that leaves additionalProperties open (as LangChain's and most agents' do)
+    gets arguments with its own properties only, never the schema's words as extra keys."""
+    convert = {"type": "function", "function": {
+        "name": "convert", "description": "Convert an amount from one unit to another",
+        "parameters": {"type": "object", "properties": {
+            "amount": {"type": "integer", "minimum": 0, "maximum": 100000},
+            "source": {"type": "string", "maxLength": 20},
+            "target": {"type": "string", "maxLength": 20},
+            "options": {"type": "object", "properties": {"round": {"type": "boolean"}}}},
+            "required": ["amount", "source", "target"]}}}
+    for ask in ("Convert 12 miles to kilometres.", "How many pounds is 3 kg?"):
+        done = client.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": ask}],
+            tools=[convert], tool_choice="required", temperature=0,  # type: ignore[list-item]
+            max_tokens=120)
+        calls = done.choices[0].message.tool_calls or []
+        assert len(calls) == 1 and done.choices[0].finish_reason == "tool_calls"
+        _arguments_valid(calls[0].function.arguments, convert)
 
 
 def test_auto_answers_in_text_or_calls_and_a_round_trip_completes(

@@ -12,7 +12,7 @@ import pytest
 from inference.chat.grammar import Guide
 from inference.chat.model import ChatModel
 from inference.chat.sampling import Sampler, SamplingParams
-from server.openai.tools import ToolCallParser, prompt_messages, tool_grammar
+from server.openai.tools import ToolCallParser, prompt_messages, strict_arguments, tool_grammar
 
 CALLS = ('{"tool_calls":[{"name":"get_weather","arguments":{"city":"Pa\\"ris}","n":[1,{"a":2}]}},'
          '{"name":"get_time","arguments":{}}]}')
@@ -82,6 +82,31 @@ def test_tool_grammar_accepts_calls_and_refuses_other_functions(smollm2: ChatMod
     assert not accepts(single, '{"tool_calls":[{"name":"get_time","arguments":{}},')
     auto = tool_grammar(fns, "auto", parallel=True)
     assert accepts(auto, "Hello") and accepts(auto, '{"tool_calls":[')
+
+
+def test_tool_arguments_are_read_as_strict_mode_reads_them(smollm2: ChatModel) -> None:
+    point = {"type": "object", "properties": {"x": {"type": "number"}}}
+    schema = {"type": "object", "properties": {
+        "where": point, "tags": {"type": "array", "items": point},
+        "either": {"anyOf": [point, {"type": "null"}]}, "ref": {"$ref": "#/$defs/p"},
+        "free": {"type": "object", "additionalProperties": True}},
+        "$defs": {"p": point}}
+    strict = strict_arguments(schema)
+    closed = {**point, "additionalProperties": False}
+    assert strict["additionalProperties"] is False
+    props = strict["properties"]
+    assert props["where"] == closed and props["tags"]["items"] == closed
+    assert props["either"]["anyOf"] == [closed, {"type": "null"}]
+    assert strict["$defs"]["p"] == closed and props["ref"] == {"$ref": "#/$defs/p"}
+    assert props["free"]["additionalProperties"] is True  # set by the schema: kept
+    assert schema["properties"]["where"] == point  # the request's schema is not changed
+    # the grammar refuses a key the schema does not name, where it left the object open
+    grammar = tool_grammar([{"name": "f", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}}}], "required", parallel=False)
+    m = smollm2.guide.matchers(grammar, 1, param="tools")[0].matcher
+    ids = smollm2.tokenizer.encode('{"tool_calls":[{"name":"f","arguments":{"city":"P",'
+                                   '"type"', add_special_tokens=False).ids
+    assert m.try_consume_tokens(ids) < len(ids)
 
 
 def test_logprobs_are_a_distribution_after_penalties_and_mask(smollm2: ChatModel) -> None:

@@ -99,8 +99,9 @@ class ChatService:
                                              mode if isinstance(mode, str)
                                              else mode.model_dump())
             offered = [{"type": "function", "function": f} for f in functions]
-            grammar = Constraint(tools.tool_grammar(functions, choice,
-                                                    parallel=req.parallel_tool_calls,
+            # one call unless the request asks for more; a named function: always one
+            parallel = req.parallel_tool_calls is True and isinstance(mode, str)
+            grammar = Constraint(tools.tool_grammar(functions, choice, parallel=parallel,
                                                     answer_schema=schema), "tools")
             preamble: str | None = tools.tool_preamble(functions, choice)
             if schema is not None and choice == "auto":

@@ -5,8 +5,12 @@ under a grammar (llguidance's Lark dialect) that allows exactly what `tool_choic
 - `auto`: that object, or an answer (plain text not starting with "{", or JSON of the
   request's `response_format`);
 - `required`: that object; a named function: that object with only that function;
-- with `parallel_tool_calls` false, one call; else up to `MAX_PARALLEL_CALLS`.
-Each call's arguments follow its function's `parameters` schema. The tools are described in
+- one call, unless the request sets `parallel_tool_calls: true` (then up to
+  `MAX_PARALLEL_CALLS`, and the model may stop after any); a named function, always one.
+  OpenAI defaults to parallel calls; small models repeat a call until `max_tokens` (the last
+  one cut off), so here, as in llama.cpp's server, a request asks for them.
+Each call's arguments follow its function's `parameters` schema, read as OpenAI's strict mode
+reads it (`strict_arguments`). The tools are described in
 a system message (and given to templates that read `tools` too), and earlier calls are
 written back into the prompt in the same form, so a round trip reads as the model wrote it.
 
@@ -43,6 +47,38 @@ def _schema(schema: dict[str, Any]) -> str:
     return _json({**schema, "x-guidance": JSON_OPTIONS})
 
 
+# Keywords whose value is one subschema, a list of them, or a map of names to them
+_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+        "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+_LIST = ("prefixItems", "anyOf", "oneOf", "allOf", "items")
+_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_arguments(schema: Any) -> Any:
+    """`schema` as OpenAI's strict mode reads it: every object schema that leaves
+    `additionalProperties` unset gets it false, so arguments hold the schema's properties and
+    nothing else (given an open object, a small model fills extra keys with the schema's own
+    words: `{"city": "Paris", "type": "string"}`). A schema that sets it keeps its value."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = strict_arguments(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_arguments(s) for s in out[key]]
+    for key in _MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: strict_arguments(s) for name, s in out[key].items()}
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) \
+        or "properties" in out
+    if is_object and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_grammar(functions: list[dict[str, Any]], choice: str, *, parallel: bool,
                  answer_schema: dict[str, Any] | None = None) -> str:
     """A Lark grammar for the model's reply. `functions` are OpenAI function definitions
@@ -50,7 +86,8 @@ def tool_grammar(functions: list[dict[str, Any]], choice: str, *, parallel: bool
     rules = []
     for i, fn in enumerate(functions):
         opening = _lark_string(f'{{"name":"{fn["name"]}","arguments":')
-        params = {**(fn.get("parameters") or {}), "type": "object"}  # arguments: an object
+        # arguments: an object, with the schema's properties only
+        params = strict_arguments({**(fn.get("parameters") or {}), "type": "object"})
         check_schema(params, param="tools")
         rules.append(f'fn_{i}: {opening} %json {_schema(params)} "}}"')
     repeat = f' ("," call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""

@@ -279,7 +279,8 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
+    # None: one call (see server/openai/tools.py: OpenAI's default is parallel calls)
+    parallel_tool_calls: bool | None = None
     # The deprecated forms of tools: read only to refuse them, so an agent that offers
     # functions never gets plain text back as if the server had considered them.
     functions: list[dict[str, Any]] | None = None
