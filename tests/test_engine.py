@@ -564,3 +564,22 @@ async def test_commands_and_rounds_never_share_the_batch_state(phi3: ChatModel) 
         s = engine.stats
         assert s.requests_total == s.completed_total + s.cancelled_total + s.failed_total
         assert engine.running == engine.waiting == 0
+
+
+async def test_requests_with_free_rows_are_not_counted_as_waiting(phi3: ChatModel) -> None:
+    """Admission runs on the device thread, so the event loop counts a request as waiting only
+    beyond the rows the running ones leave free: two requests for two free rows are both
+    taken with a queue of one, the third waits, and the fourth is refused."""
+    params = SamplingParams(temperature=0, max_tokens=2000)
+    async with running(chat_engine(phi3, max_running=2, max_waiting=1)) as engine:
+        streams = [await engine.start(FRANCE, params) for _ in range(3)]
+        try:
+            with pytest.raises(Overloaded):
+                await engine.start(FRANCE, params)
+            with anyio.fail_after(10):
+                while engine.running < 2:  # noqa: ASYNC110 - observing
+                    await anyio.sleep(0.01)
+            assert engine.waiting == 1
+        finally:
+            for stream in streams:
+                stream.close()

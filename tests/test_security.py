@@ -22,15 +22,10 @@ BODY = {"model": "phi3-tiny-random", "messages": [{"role": "user", "content": "h
         "max_tokens": 2}
 
 
-async def _app(phi3: ChatModel, **settings: Any) -> AsyncIterator[Quart]:
-    async with serving(Settings(**settings), chat=[phi3]) as app:
-        yield app
-
-
 @pytest.fixture
 async def locked(phi3: ChatModel) -> AsyncIterator[Quart]:
-    async for app in _app(phi3, api_keys=(KEY, "sk-other"),
-                          cors_origins=("https://app.example",)):
+    async with serving(Settings(api_keys=(KEY, "sk-other"),
+                                cors_origins=("https://app.example",)), chat=[phi3]) as app:
         yield app
 
 
@@ -44,7 +39,7 @@ def test_key_check_is_exact() -> None:
 
 
 async def test_no_keys_means_open(phi3: ChatModel) -> None:
-    async for app in _app(phi3):
+    async with serving(Settings(), chat=[phi3]) as app:
         resp = await app.test_client().post("/v1/chat/completions", json=BODY)
         assert resp.status_code == 200
 
@@ -78,7 +73,7 @@ async def test_right_key_passes_and_health_is_open_by_default(locked: Quart) -> 
 
 
 async def test_health_can_be_protected(phi3: ChatModel) -> None:
-    async for app in _app(phi3, api_keys=(KEY,), protect_health=True):
+    async with serving(Settings(api_keys=(KEY,), protect_health=True), chat=[phi3]) as app:
         client = app.test_client()
         assert (await client.get("/health/ready")).status_code == 401
         resp = await client.get("/health/ready", headers={"Authorization": f"Bearer {KEY}"})
@@ -178,7 +173,7 @@ async def test_static_files_cannot_escape(locked: Quart) -> None:
 async def test_non_json_bodies_are_refused_415(phi3: ChatModel, content_type: str | None
                                                ) -> None:
     # the bodies a foreign page can POST without a CORS preflight
-    async for app in _app(phi3):
+    async with serving(Settings(), chat=[phi3]) as app:
         headers = {"Content-Type": content_type} if content_type else {}
         resp = await app.test_client().post("/v1/chat/completions", headers=headers,
                                             data=orjson.dumps(BODY))
@@ -211,7 +206,7 @@ async def test_foreign_origins_are_refused_on_every_api_request(locked: Quart) -
 async def test_unknown_host_names_are_refused_on_loopback(phi3: ChatModel) -> None:
     from quart.testing.connections import WebsocketResponseError
 
-    async for app in _app(phi3, allowed_hosts=("npugate.lan",)):
+    async with serving(Settings(allowed_hosts=("npugate.lan",)), chat=[phi3]) as app:
         client = app.test_client()
         for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "127.0.0.2",
                      "npugate.lan:8000"):
@@ -226,7 +221,7 @@ async def test_unknown_host_names_are_refused_on_loopback(phi3: ChatModel) -> No
                 await ws.send('{"type": "ping"}')
         assert refused.value.response.status_code == 403
     # bound to every address, the server is meant to be reached by any name
-    async for app in _app(phi3, host="0.0.0.0"):
+    async with serving(Settings(host="0.0.0.0"), chat=[phi3]) as app:
         resp = await app.test_client().post("/v1/chat/completions", json=BODY,
                                             headers={"Host": "gpu-box.example"})
         assert resp.status_code == 200
@@ -323,7 +318,7 @@ async def _socket_cached_tokens(app: Quart, key: str) -> int:
 
 
 async def test_socket_conversations_use_their_key_s_cache(phi3: ChatModel) -> None:
-    async for app in _app(phi3, api_keys=(KEY, "sk-other")):
+    async with serving(Settings(api_keys=(KEY, "sk-other")), chat=[phi3]) as app:
         assert await _socket_cached_tokens(app, KEY) == 0
         assert await _socket_cached_tokens(app, KEY) >= 128
         assert await _socket_cached_tokens(app, "sk-other") == 0

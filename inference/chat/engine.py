@@ -151,8 +151,6 @@ class ChatEngine:
             chunk=limits.prefill_chunk, enabled=limits.prompt_cache,
             max_tokens=limits.prompt_cache_bytes // self.pool.layout.bytes_per_token)
         self.on_run = on_run
-        self._max_running = limits.max_running
-        self._max_waiting = limits.max_waiting
         # The device thread's: the running choices (choice i holds pool row i), and the
         # generations waiting for room
         self._rows: list[Choice] = []
@@ -275,9 +273,9 @@ class ChatEngine:
     def check_prompt_shape(self, prompts: int, id_lengths: list[int]) -> None:
         """Cheap checks before a request is validated in full: no more prompts than decode
         slots, no token-id prompt longer than the context."""
-        if prompts > self._max_running:
+        if prompts > self.limits.max_running:
             raise InvalidInput(f"{prompts} prompts need {prompts} decode slots; this server "
-                               f"runs at most {self._max_running} per model", param="prompt")
+                               f"runs at most {self.limits.max_running} per model", param="prompt")
         context = self.model.spec.context_length
         for length in id_lengths:
             if length >= context:
@@ -287,9 +285,9 @@ class ChatEngine:
     def _check_start(self, params: SamplingParams, choices: int) -> None:
         if not self._accepting:
             raise BackendUnavailable(f"model {self.model_id} is not running")
-        if choices > self._max_running:
+        if choices > self.limits.max_running:
             raise InvalidInput(f"{choices} choices need {choices} decode slots; this server "
-                               f"runs at most {self._max_running} per model", param="n")
+                               f"runs at most {self.limits.max_running} per model", param="n")
         for token, _ in params.logit_bias:
             if token >= self.model.vocab_size:
                 raise InvalidInput(f"logit_bias names token {token}; this model's vocabulary "
@@ -346,7 +344,7 @@ class ChatEngine:
         """Refuse when the queue is full, counting requests whose grammar waits to compile
         or compiles: a flood of costly schemas is refused before any compile."""
         waiting = self._queue_depth() + self._compiles
-        if waiting >= self._max_waiting:
+        if waiting >= self.limits.max_waiting:
             raise Overloaded(f"model {self.model_id} has {waiting} requests waiting; "
                              "retry later", retry_after_s=1.0)
 
@@ -403,7 +401,7 @@ class ChatEngine:
         at the device thread's next round)."""
         if self._held:
             return len(self._queued)
-        free = self._max_running - self._running_choices
+        free = self.limits.max_running - self._running_choices
         depth = 0
         for choices in self._queued.values():
             if depth or choices > free:
