@@ -34,6 +34,20 @@ from server.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Stored responses go to a folder of this run's, never the user's data directory
+    (servers started by tests inherit it)."""
+    folder = tmp_path_factory.mktemp("data")
+    old = os.environ.get("NPUGATE_DATA_DIR")
+    os.environ["NPUGATE_DATA_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        del os.environ["NPUGATE_DATA_DIR"]
+    else:
+        os.environ["NPUGATE_DATA_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"  # Quart and Hypercorn run on asyncio
@@ -173,6 +187,7 @@ class LiveServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"server exited: {log.read_text()}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
@@ -201,14 +216,18 @@ class LiveServer:
 NODE_PACKAGES = {"openai": "7.59.0", "zod": "4.6.7", "ai": "7.0.185", "@ai-sdk/openai": "4.0.126"}
 
 
-@pytest.fixture(scope="session")
-def node_openai() -> Path:
-    """A folder with the pinned npm packages, installed from the npm registry once and
-    cached: a script written into it imports them."""
+# Codex CLI, which speaks only the Responses API
+CODEX_PACKAGES = {"@openai/codex": "0.171.0"}
+
+
+def _npm_folder(packages: dict[str, str]) -> Path:
+    """A folder with pinned npm packages, installed from the npm registry once and cached:
+    a script written into it imports them."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
-        raise RuntimeError("the Node SDK test needs node and npm (apt-get install nodejs npm)")
-    specs = [f"{name}@{version}" for name, version in NODE_PACKAGES.items()]
+        raise RuntimeError("the Node client tests need node and npm (apt-get install nodejs "
+                           "npm)")
+    specs = [f"{name}@{version}" for name, version in packages.items()]
     key = hashlib.sha256(" ".join(specs).encode()).hexdigest()[:12]
     folder = default_models_dir().parent / "node" / f"packages-{key}"
     if not (folder / "installed").is_file():
@@ -217,6 +236,37 @@ def node_openai() -> Path:
                         "--prefix", str(folder), *specs], check=True, timeout=600)
         (folder / "installed").write_text(" ".join(specs))
     return folder
+
+
+@pytest.fixture(scope="session")
+def node_openai() -> Path:
+    return _npm_folder(NODE_PACKAGES)
+
+
+@pytest.fixture(scope="session")
+def node_codex() -> Path:
+    return _npm_folder(CODEX_PACKAGES)
+
+
+# Python clients whose pins clash with the dev environment's openai run from their own
+# virtual environment, built from PyPI once and cached, as an application would install them:
+# instructor 1.17 pins jiter<0.15, and the openai release in .venv needs jiter>=0.16
+INSTRUCTOR_PACKAGES = ["instructor==1.17.0"]
+
+
+@pytest.fixture(scope="session")
+def instructor_python() -> Path:
+    """The Python interpreter of a cached virtual environment holding instructor."""
+    key = hashlib.sha256(" ".join(INSTRUCTOR_PACKAGES).encode()).hexdigest()[:12]
+    folder = default_models_dir().parent / "venvs" / f"instructor-{key}"
+    python = folder / "bin" / "python"
+    if not (folder / "installed").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, timeout=120)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        *INSTRUCTOR_PACKAGES], check=True, timeout=600)
+        (folder / "installed").write_text(" ".join(INSTRUCTOR_PACKAGES))
+    return python
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 
@@ -192,6 +193,45 @@ def test_langchain_strict_named_binding_gets_one_valid_call(live_server: LiveSer
         args = calls[0]["args"]
         assert set(args) == {"amount", "source", "target"}, args
         assert isinstance(args["amount"], int) and isinstance(args["source"], str)
+
+
+# instructor in its default TOOLS mode (a named tool whose parameters are the response model's
+# schema), from its own virtual environment: its pins clash with the dev environment's openai
+INSTRUCTOR_SCRIPT = """
+import json, sys
+import instructor
+from openai import OpenAI
+from pydantic import BaseModel, Field
+
+class UserInfo(BaseModel):
+    name: str = Field(max_length=30)
+    age: int = Field(ge=0, le=150)
+
+client = instructor.from_openai(OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0))
+assert client.mode == instructor.Mode.TOOLS
+user, completion = client.chat.completions.create_with_completion(
+    model=sys.argv[2], response_model=UserInfo, temperature=0, max_tokens=60, max_retries=0,
+    messages=[{"role": "user", "content": "John Doe is 30 years old."}])
+calls = completion.choices[0].message.tool_calls
+print(json.dumps({"user": user.model_dump(), "schema": UserInfo.model_json_schema(),
+                  "calls": [json.loads(c.function.arguments) for c in calls],
+                  "finish": completion.choices[0].finish_reason}))
+"""
+
+
+def test_instructor_tools_mode_returns_its_object(live_server: LiveServer,
+                                                  instructor_python: Path) -> None:
+    """instructor's default mode once got IncompleteOutputException: several calls, the last
+    cut off at max_tokens. Now one call, whose arguments hold the model's fields only."""
+    out = subprocess.run([str(instructor_python), "-c", INSTRUCTOR_SCRIPT,
+                          live_server.base_url + "/v1", SMOL],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["calls"]) == 1 and result["finish"] in ("stop", "tool_calls")
+    closed = {**result["schema"], "additionalProperties": False}
+    jsonschema.validate(result["calls"][0], closed)
+    assert result["user"] == result["calls"][0]
 
 
 # The OpenAI Agents SDK, on chat completions (its Responses path waits for /v1/responses), in
