@@ -10,6 +10,8 @@
                     limits, metrics, SSE framing, and the one error map (errors.py)
       openai/       OpenAI chat, completions, embeddings and models: wire schemas (wire.py),
                     services that drive the engines, chunk shapes, tools, routes
+      responses/    OpenAI's Responses API: items to chat messages, chat chunks to Responses
+                    events, on the chat service; the response store (SQLite, PostgreSQL)
       ws/           the WebSocket protocol (/v1/ws), on the OpenAI services
       ops/          health probes and /metrics, admin, the browser page
 

@@ -23,6 +23,8 @@ from server.core.state import AppState
 from server.openai import routes as openai_routes
 from server.openai import services as openai_services
 from server.ops import admin, health, web
+from server.responses import routes as responses_routes
+from server.responses import services as responses_services
 from server.settings import Settings
 from server.ws import routes as ws_routes
 
@@ -52,8 +54,10 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
                                                  metrics=metrics,
                                                  embedding_cache=embedding_cache)
     # The API surfaces: each one's services, then its routes
-    openai_services.install(app, state)
-    for bp in (openai_routes.bp, ws_routes.bp, health.bp, admin.bp, web.bp):
+    openai = openai_services.install(app, state)
+    responses_services.install(app, state, openai)
+    for bp in (openai_routes.bp, responses_routes.bp, ws_routes.bp, health.bp, admin.bp,
+               web.bp):
         app.register_blueprint(bp)
     install_error_handlers(app)
     install_access_hooks(app, settings)

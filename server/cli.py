@@ -16,6 +16,7 @@ from server.settings import Settings
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+STORE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")  # or "sqlite", "" (default)
 
 
 # Numeric settings, each with a flag and an environment variable; type and default come from
@@ -65,6 +66,10 @@ NUMBER_FLAGS = (
      "seconds a request body may take to arrive (408 after)"),
     ("--shutdown-grace", "shutdown_grace_s", "NPUGATE_SHUTDOWN_GRACE",
      "seconds in-flight requests may run on after SIGTERM"),
+    ("--response-max-age", "response_max_age_s", "NPUGATE_RESPONSE_MAX_AGE",
+     "seconds a stored response is kept; 0: no age limit"),
+    ("--response-store-mib", "response_store_mib", "NPUGATE_RESPONSE_STORE_MIB",
+     "MiB of stored responses kept, the oldest dropped first; 0: no size limit"),
 )
 
 
@@ -123,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
                        f"default {buckets})")
     serve.add_argument("--models-dir", type=Path, default=defaults.models_dir,
                        help="where `prepare` put the models (NPUGATE_MODELS_DIR)")
+    serve.add_argument("--data-dir", type=Path, default=defaults.data_dir,
+                       help="where the response store's SQLite file lives (NPUGATE_DATA_DIR, "
+                       f"default {defaults.data_dir})")
+    serve.add_argument("--response-store",
+                       default=os.environ.get("NPUGATE_RESPONSE_STORE", defaults.response_store),
+                       metavar="URL", help="where /v1/responses keeps responses: sqlite (a file "
+                       "in --data-dir), sqlite:///PATH, or postgresql://USER:PASS@HOST/DB, which "
+                       "replicas share (NPUGATE_RESPONSE_STORE, default sqlite)")
     for flag, field, env, text in NUMBER_FLAGS:
         default = getattr(defaults, field)
         kind = type(default)
@@ -240,6 +253,11 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"npugate: cannot read a key file: {exc}", file=sys.stderr)
         return 2
+    if args.response_store not in ("", "sqlite") and \
+            not args.response_store.startswith(STORE_SCHEMES):
+        print(f"npugate: unknown response store {args.response_store!r}: use sqlite, "
+              "sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB", file=sys.stderr)
+        return 2
     settings = Settings(host=args.host, port=args.port, log_level=args.log_level,
                         api_keys=tuple(keys), admin_keys=tuple(admin),
                         protect_health=args.protect_health,
@@ -249,7 +267,8 @@ def _serve(args: argparse.Namespace) -> int:
                         chat_models=tuple(chat_models),
                         embedding_models=tuple(embedding_models),
                         embedding_device=args.embedding_device, qnn_buckets=args.qnn_buckets,
-                        models_dir=args.models_dir,
+                        models_dir=args.models_dir, data_dir=args.data_dir,
+                        response_store=args.response_store,
                         **{field: getattr(args, field) for _, field, _, _ in NUMBER_FLAGS})
     from server.serve import serve
 

@@ -6,11 +6,22 @@ This module imports nothing heavy: `npugate prepare` and `--help` load no runtim
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from inference.limits import ChatLimits, EmbeddingLimits, QnnOptions
 from inference.prepare import default_models_dir
+
+
+def default_data_dir() -> Path:
+    """`$NPUGATE_DATA_DIR`, else a per-user data directory (stored responses live here)."""
+    env = os.environ.get("NPUGATE_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "npugate"
+
 
 _CHAT = ChatLimits()
 _EMBEDDING = EmbeddingLimits()
@@ -79,6 +90,12 @@ class Settings:
     # Host names answered besides loopback ones, when bound to a loopback address ("*": any)
     allowed_hosts: tuple[str, ...] = ()
     shutdown_grace_s: float = 30.0  # in-flight work may finish this long after SIGTERM
+    # Stored responses (/v1/responses): "" is SQLite in data_dir; "sqlite:///PATH" or
+    # "postgresql://..." (shared by replicas). Oldest go first past either bound (0: none).
+    data_dir: Path = field(default_factory=default_data_dir)
+    response_store: str = ""
+    response_max_age_s: float = 30 * 86400.0
+    response_store_mib: int = 1024
 
     def limits(self) -> ModelLimits:
         return ModelLimits(

@@ -34,6 +34,8 @@ VALID = {
                              "messages": [{"role": "user", "content": "hi"}]},
     "/v1/embeddings": {"model": EMB, "input": "hello"},
     "/v1/completions": {"model": CHAT, "max_tokens": 4, "prompt": "hi"},
+    "/v1/responses": {"model": CHAT, "max_output_tokens": 4, "input": "hi"},
+    "/v1/responses/input_tokens": {"model": CHAT, "input": [{"role": "user", "content": "hi"}]},
 }
 
 

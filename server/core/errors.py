@@ -68,6 +68,12 @@ def model_not_found(model: str) -> APIError:
                     param="model", code="model_not_found")
 
 
+def not_found(message: str, *, param: str | None = None, code: str = "not_found"
+              ) -> APIError:
+    """Something the request names is not there, or not this key's to see."""
+    return APIError(404, message, param=param, code=code)
+
+
 def too_large(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     """A request over one of the server's size or count limits."""
     return APIError(413, message, param=param, code=code)

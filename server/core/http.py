@@ -33,9 +33,12 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return data
 
 
-async def event_stream(events: AsyncGenerator[Event, None]) -> Response:
-    """A streamed SSE response of a generation's events (see `sse.frames`)."""
-    response = await make_response(sse.frames(events), HTTPStatus.OK, sse.HEADERS)
+async def event_stream(events: AsyncGenerator[Event, None], *, typed: bool = False
+                       ) -> Response:
+    """A streamed SSE response of a generation's events (see `sse.frames`; `typed`: events
+    named by their `type`, `sse.typed_frames`)."""
+    framing = sse.typed_frames if typed else sse.frames
+    response = await make_response(framing(events), HTTPStatus.OK, sse.HEADERS)
     assert isinstance(response, Response)
     response.timeout = None  # a stream lasts as long as the generation does
     return response

@@ -39,3 +39,17 @@ async def frames(events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
             else:
                 yield event(item)
     yield DONE
+
+
+async def typed_frames(events: AsyncGenerator[Event, None]) -> AsyncIterator[bytes]:
+    """Frame events that carry their own `type` (the Responses and Messages APIs): each as
+    `event: TYPE` and its `data:`, pings for silences, and no [DONE]: those protocols end
+    with their own last event. An error that reaches here is framed as an `error` event."""
+    async with aclosing(events):
+        async for item in events:
+            if item is None:
+                yield PING
+                continue
+            payload = item.body() if isinstance(item, APIError) else item
+            kind = "error" if isinstance(item, APIError) else str(item["type"])
+            yield b"event: " + kind.encode() + b"\n" + event(payload)

@@ -1,7 +1,8 @@
 """Chat completions service: turns a parsed request into engine calls and OpenAI objects.
 
-It knows the shape of `chat.completion` objects (chunks: `generation.py`); it does not know
-about HTTP or SSE framing (see `routes/chat.py` and `sse.py`).
+It knows the shape of `chat.completion` objects (chunks: `chunks.py`); it does not know
+about HTTP or SSE framing (see `routes.py` and `server/core/sse.py`). The Responses API
+(`server.responses`) generates through it too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
+
+import anyio
 
 from inference.chat.engine import ChatEngine, Constraint, GenerationStream
 from inference.chat.grammar import json_schema_grammar
@@ -43,6 +46,13 @@ def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_toke
         top_k=defaults.top_k if req.top_k is None else req.top_k, seed=req.seed,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
         max_tokens=limit, stop=req.stop_list(), logit_bias=req.logit_bias_pairs())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    messages: list[dict[str, Any]]
+    grammar: Constraint | None
+    tools: list[dict[str, Any]] | None
 
 
 class ChatService:
@@ -87,6 +97,24 @@ class ChatService:
         params = dataclasses.replace(
             sampling_params(req, engine.sampling_defaults, self._max_tokens_limit),
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+        plan = self._plan(req, engine)
+        return await engine.start(plan.messages, params, n=req.n, grammar=plan.grammar,
+                                  tools=plan.tools, cache_scope=scope)
+
+    async def count_prompt(self, req: ChatCompletionRequest) -> int:
+        """The tokens of the prompt `req` would be read as: template, tools and the
+        preambles that describe them included (what `usage.prompt_tokens` reports)."""
+        req.check_supported()
+        async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
+            assert isinstance(engine, ChatEngine)
+            plan = self._plan(req, engine, compile_grammar=False)
+            ids = await anyio.to_thread.run_sync(engine.model.encode_prompt, plan.messages,
+                                                 plan.tools)
+        return len(ids)
+
+    def _plan(self, req: ChatCompletionRequest, engine: ChatEngine, *,
+              compile_grammar: bool = True) -> _Plan:
+        """The prompt's messages, the tools a template reads, and the grammar to follow."""
         messages = [m.prompt_dict() for m in req.messages]
         schema = req.response_format.answer_schema() if req.response_format else None
         mode = req.tool_mode()
@@ -101,19 +129,19 @@ class ChatService:
             offered = [{"type": "function", "function": f} for f in functions]
             # one call unless the request asks for more; a named function: always one
             parallel = req.parallel_tool_calls is True and isinstance(mode, str)
-            grammar = Constraint(tools.tool_grammar(functions, choice, parallel=parallel,
-                                                    answer_schema=schema), "tools")
+            if compile_grammar:
+                grammar = Constraint(tools.tool_grammar(functions, choice, parallel=parallel,
+                                                        answer_schema=schema), "tools")
             preamble: str | None = tools.tool_preamble(functions, choice)
             if schema is not None and choice == "auto":
                 preamble = f"{preamble}\n{tools.json_preamble(schema)}"
         else:
             preamble = None if schema is None else tools.json_preamble(schema)
-            if schema is not None:
+            if schema is not None and compile_grammar:
                 grammar = Constraint(json_schema_grammar(schema), "response_format")
         messages = tools.prompt_messages(messages, native=engine.supports_tools,
                                          preamble=preamble)
-        return await engine.start(messages, params, n=req.n, grammar=grammar, tools=offered,
-                                  cache_scope=scope)
+        return _Plan(messages, grammar, offered)
 
     def events(self, req: ChatCompletionRequest, stream: MeteredStream, *,
                include_usage: bool, idle_s: float | None = None) -> AsyncGenerator[Event, None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.openai.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from server.responses.wire import ResponsesRequest
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -32,9 +33,13 @@ def _get(summary: str, ok: dict[str, Any], *errors: int) -> dict[str, Any]:
     return {"get": {"summary": summary, "responses": {"200": ok, **_errors(*errors)}}}
 
 
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True,
+                "schema": {"type": "string"}}
+
+
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -63,6 +68,32 @@ def openapi_document() -> dict[str, Any]:
                                 "text_completion events ending in data: [DONE]",
                  "content": {"application/json": {"schema": {"type": "object"}},
                              "text/event-stream": {"schema": {"type": "string"}}}}),
+            "/v1/responses": _post(
+                "Create a response (the Responses API)", "ResponsesRequest",
+                {"description": "A response, or with stream=true an SSE stream of typed "
+                                "response.* events ending in response.completed, "
+                                "response.incomplete or response.failed",
+                 "content": {"application/json": {"schema": {"type": "object"}},
+                             "text/event-stream": {"schema": {"type": "string"}}}}),
+            "/v1/responses/input_tokens": _post(
+                "Count a response request's input tokens", "ResponsesRequest",
+                _json("{object: response.input_tokens, input_tokens}")),
+            "/v1/responses/{response_id}": {
+                verb: {"summary": f"{verb.capitalize()} a stored response (the creating "
+                                  "key's only)", "parameters": [_RESPONSE_ID],
+                       "responses": {"200": _json("The response" if verb == "get"
+                                                  else "{id, object: response.deleted, "
+                                                  "deleted: true}"),
+                                     **_errors(401, 404, 503)}}
+                for verb in ("get", "delete")},
+            "/v1/responses/{response_id}/input_items": {"get": {
+                "summary": "The items a stored response read, paginated",
+                "parameters": [_RESPONSE_ID, *(
+                    {"name": name, "in": "query", "schema": schema} for name, schema in (
+                        ("limit", {"type": "integer", "minimum": 1, "maximum": 100}),
+                        ("order", {"enum": ["asc", "desc"]}),
+                        ("after", {"type": "string"})))],
+                "responses": {"200": _json("A list of items"), **_errors(400, 401, 404)}}},
             "/v1/embeddings": _post("Embeddings", "EmbeddingRequest",
                                     _json("A list of embedding objects")),
             "/v1/models": _get("Every model this server can serve, loaded or not",

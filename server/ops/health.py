@@ -13,6 +13,7 @@ from server.core.errors import probe_status
 from server.core.http import json_response
 from server.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.core.state import app_state
+from server.responses.services import responses_service
 
 bp = Blueprint("health", __name__)
 
@@ -37,7 +38,8 @@ async def health() -> Response:
             "models": models,
             "embedding_cache": {"enabled": state.embedding_cache.enabled,
                                 "max_bytes": state.embedding_cache.max_bytes,
-                                **dataclasses.asdict(state.embedding_cache.stats)}}
+                                **dataclasses.asdict(state.embedding_cache.stats)},
+            "response_store": await responses_service().store.stats()}
     return json_response(body, probe_status(status in ("ready", "degraded")))
 
 
