@@ -12,6 +12,8 @@
                     services that drive the engines, chunk shapes, tools, routes
       responses/    OpenAI's Responses API: items to chat messages, chat chunks to Responses
                     events, on the chat service; the response store (SQLite, PostgreSQL)
+      messages/     Anthropic's Messages API: blocks to chat messages, chat chunks to
+                    Anthropic's events, Anthropic's error shapes, on the chat service
       ws/           the WebSocket protocol (/v1/ws), on the OpenAI services
       ops/          health probes and /metrics, admin, the browser page
 

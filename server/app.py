@@ -20,6 +20,7 @@ from server.core.catalogue import Catalogue
 from server.core.metrics import Metrics
 from server.core.registry import ModelRegistry
 from server.core.state import AppState
+from server.messages import routes as messages_routes
 from server.openai import routes as openai_routes
 from server.openai import services as openai_services
 from server.ops import admin, health, web
@@ -56,8 +57,8 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
     # The API surfaces: each one's services, then its routes
     openai = openai_services.install(app, state)
     responses_services.install(app, state, openai)
-    for bp in (openai_routes.bp, responses_routes.bp, ws_routes.bp, health.bp, admin.bp,
-               web.bp):
+    for bp in (openai_routes.bp, responses_routes.bp, messages_routes.bp, ws_routes.bp,
+               health.bp, admin.bp, web.bp):
         app.register_blueprint(bp)
     install_error_handlers(app)
     install_access_hooks(app, settings)

@@ -36,6 +36,11 @@ VALID = {
     "/v1/completions": {"model": CHAT, "max_tokens": 4, "prompt": "hi"},
     "/v1/responses": {"model": CHAT, "max_output_tokens": 4, "input": "hi"},
     "/v1/responses/input_tokens": {"model": CHAT, "input": [{"role": "user", "content": "hi"}]},
+    "/v1/messages": {"model": CHAT, "max_tokens": 4, "messages": [{"role": "user",
+                                                                   "content": "hi"}]},
+    "/v1/messages/count_tokens": {"model": CHAT, "messages": [{"role": "user",
+                                                               "content": [{"type": "text",
+                                                                            "text": "hi"}]}]},
 }
 
 
@@ -66,8 +71,12 @@ def live(live_server: LiveServer) -> Iterator[tuple[httpx.Client, dict[str, Any]
 def _check(resp: httpx.Response) -> None:
     assert resp.status_code < 500, (resp.status_code, resp.text[:300])
     if resp.status_code >= 400:
-        error = resp.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}
+        body = resp.json()
+        error = body["error"]
+        if resp.request.url.path.startswith("/v1/messages"):  # Anthropic's shape there
+            assert body["type"] == "error" and set(error) == {"type", "message"}
+        else:
+            assert set(error) == {"message", "type", "param", "code"}
         assert isinstance(error["message"], str) and error["message"]
 
 
@@ -145,8 +154,9 @@ def test_explicit_nulls_and_numeric_edges(live: tuple[httpx.Client, dict[str, An
                                           data: st.DataObject) -> None:
     # clients that serialise unset fields send null; 1e-310 is a valid temperature
     client, doc = live
+    required = ("max_tokens",) if path == "/v1/messages" else ()  # Anthropic requires it
     changed = _mutations(data, doc, path, NUMERIC_EDGES,
-                         keep=("model", "messages", "input", "prompt"))
+                         keep=("model", "messages", "input", "prompt", *required))
     if data.draw(st.booleans()):
         changed["logit_bias"] = {str(data.draw(st.integers(0, 40000))):
                                  data.draw(NUMERIC_EDGES)}

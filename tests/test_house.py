@@ -30,7 +30,7 @@ SERVER = REPO / "server"
 ERROR_MAP = SERVER / "core" / "errors.py"
 # Calls that pick a response's status
 STATUS_CALLS = {"APIError", "Response", "json_response", "make_response", "abort"}
-SURFACES = ("server.openai", "server.responses", "server.ws", "server.ops")
+SURFACES = ("server.openai", "server.responses", "server.messages", "server.ws", "server.ops")
 
 
 def _modules() -> list[Path]:

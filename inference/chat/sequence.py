@@ -38,6 +38,7 @@ class ChatDelta:
     index: int = 0  # the choice, for n > 1
     cached_tokens: int = 0  # prompt tokens this choice took from the prompt cache
     logprobs: tuple[LoggedToken, ...] = ()  # the step's sampled token, when asked for
+    stop_sequence: str | None = None  # on the last delta: the stop string that ended it
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ class Choice:
         logged = self._sampler.last
         return ChatDelta(text, finish, len(self.prompt), self.completion_tokens, self.index,
                          self.cached, () if logged is None or token in self._eos
-                         else (self._log(logged),))
+                         else (self._log(logged),),
+                         self._stops.matched if finish is not None else None)
 
     def _log(self, logged: TokenLogprob) -> LoggedToken:
         return LoggedToken(self._guide.token_bytes(logged.token), logged.logprob,

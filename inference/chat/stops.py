@@ -16,6 +16,7 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, text: str) -> str:
         """Add `text`; return what can be emitted now. After a match, everything is dropped."""
@@ -24,9 +25,11 @@ class StopMatcher:
         if not self._stops:
             return text
         buf = self._pending + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        found = [(i, s) for s in self._stops if (i := buf.find(s)) >= 0]
+        cut = min(found)[0] if found else -1
         if cut >= 0:
             self.stopped = True
+            self.matched = min(found)[1]
             self._pending = ""
             return buf[:cut]
         hold = self._longest_stop_prefix_suffix(buf)

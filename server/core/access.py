@@ -86,7 +86,8 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
         if request.method == "OPTIONS" and origin:  # CORS preflight
             return Response("", status=HTTPStatus.NO_CONTENT, headers={
                 "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Request-Id, "
+                                                "x-api-key, anthropic-version, anthropic-beta",
                 "Access-Control-Max-Age": "600"})
         if app_state().draining and request.path not in HEALTH_PATHS:
             raise unavailable("the server is shutting down; retry on another replica",
@@ -94,9 +95,11 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
         g.cache_scope = OPEN_SCOPE
         if keys.enabled and not is_open(request.path):
             header = request.headers.get("Authorization")
-            scope = keys.header_scope(header)
+            anthropic = request.headers.get("x-api-key")  # Anthropic's clients send this
+            scope = keys.header_scope(header) if header is not None or anthropic is None \
+                else keys.scope(anthropic)
             if scope is None:
-                raise unauthorized(provided=header is not None)
+                raise unauthorized(provided=header is not None or anthropic is not None)
             g.cache_scope = scope
         if request.method == "POST" and not is_json(request.headers.get("Content-Type")) \
                 and request.routing_exception is None \

@@ -55,7 +55,7 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
 
 def unauthorized(provided: bool) -> APIError:
     message = ("Incorrect API key provided" if provided else
-               "Missing API key: send 'Authorization: Bearer <key>'")
+               "Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
     return APIError(401, message, type="authentication_error", code="invalid_api_key")
 
 
@@ -130,3 +130,20 @@ def to_api_error(exc: InferenceError) -> APIError:
 
 def internal_error() -> APIError:
     return APIError(500, "The server had an internal error; see its log", type="server_error")
+
+
+# Anthropic's error types by status, and the status Anthropic's clients expect where it
+# differs from OpenAI's: 529 for an overloaded service (OpenAI's side says 503)
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 408: "timeout_error",
+                   413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+ANTHROPIC_OVERLOADED = 529
+
+
+def anthropic_error(err: APIError) -> tuple[int, dict[str, Any]]:
+    """An error as Anthropic's API sends it: its status and
+    `{"type": "error", "error": {"type", "message"}}`."""
+    status = ANTHROPIC_OVERLOADED if err.status == HTTPStatus.SERVICE_UNAVAILABLE \
+        else err.status
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": err.message}}

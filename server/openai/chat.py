@@ -144,13 +144,15 @@ class ChatService:
         return _Plan(messages, grammar, offered)
 
     def events(self, req: ChatCompletionRequest, stream: MeteredStream, *,
-               include_usage: bool, idle_s: float | None = None) -> AsyncGenerator[Event, None]:
-        """The generation as `chat.completion.chunk`s (see `server.core.streaming.events`)."""
+               include_usage: bool, idle_s: float | None = None, stop_sequences: bool = False
+               ) -> AsyncGenerator[Event, None]:
+        """The generation as `chat.completion.chunk`s (see `server.core.streaming.events`);
+        `stop_sequences`: finish chunks name the stop string that ended them."""
         mode = req.tool_mode()
         return events(stream, ChatChunks(
             model=req.model, include_usage=include_usage, logprobs=req.logprobs,
-            tools=None if mode == "none" else "auto" if mode == "auto" else "calls"),
-            idle_s=idle_s)
+            tools=None if mode == "none" else "auto" if mode == "auto" else "calls",
+            stop_sequences=stop_sequences), idle_s=idle_s)
 
     async def complete(self, req: ChatCompletionRequest, stream: MeteredStream
                        ) -> dict[str, Any]:

@@ -66,6 +66,9 @@ class ChatChunks(_Writer):
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     logprobs: bool = False
     tools: str | None = None  # the ToolCallParser mode: "auto" or "calls"; None: text only
+    # for protocols that report it (the Messages API): the finish chunk's choice names the
+    # stop string that ended it, as "stop_sequence" (never on OpenAI's wire)
+    stop_sequences: bool = False
     _parsers: dict[int, ToolCallParser] = field(default_factory=dict)
 
     def opening(self, choices: int) -> list[dict[str, Any]]:
@@ -96,8 +99,10 @@ class ChatChunks(_Writer):
             finish = delta.finish_reason
             if parser is not None and parser.calls and finish == "stop":
                 finish = "tool_calls"
-            out.append(self._chunk([{"index": delta.index, "delta": {}, "logprobs": None,
-                                     "finish_reason": finish}]))
+            last = {"index": delta.index, "delta": {}, "logprobs": None, "finish_reason": finish}
+            if self.stop_sequences:
+                last["stop_sequence"] = delta.stop_sequence
+            out.append(self._chunk([last]))
         return out
 
 

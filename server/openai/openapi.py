@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.messages.wire import CountTokensRequest, MessagesRequest
 from server.openai.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from server.responses.wire import ResponsesRequest
 
@@ -39,7 +40,8 @@ _RESPONSE_ID = {"name": "response_id", "in": "path", "required": True,
 
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest,
+                  MessagesRequest, CountTokensRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -55,7 +57,8 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "npugate", "version": "0.1.0",
-                 "description": "OpenAI-compatible local inference (chat and embeddings). "
+                 "description": "OpenAI-compatible local inference (chat and embeddings), "
+                                "with OpenAI's Responses and Anthropic's Messages APIs. "
                                 "WebSocket protocol at /v1/ws: see docs/api.md."},
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
@@ -94,6 +97,16 @@ def openapi_document() -> dict[str, Any]:
                         ("order", {"enum": ["asc", "desc"]}),
                         ("after", {"type": "string"})))],
                 "responses": {"200": _json("A list of items"), **_errors(400, 401, 404)}}},
+            "/v1/messages": _post(
+                "Create a message (Anthropic's Messages API; errors in Anthropic's shape)",
+                "MessagesRequest",
+                {"description": "A message, or with stream=true an SSE stream of Anthropic's "
+                                "events ending in message_stop",
+                 "content": {"application/json": {"schema": {"type": "object"}},
+                             "text/event-stream": {"schema": {"type": "string"}}}}),
+            "/v1/messages/count_tokens": _post(
+                "Count a message request's input tokens (Anthropic's shape)",
+                "CountTokensRequest", _json("{input_tokens}")),
             "/v1/embeddings": _post("Embeddings", "EmbeddingRequest",
                                     _json("A list of embedding objects")),
             "/v1/models": _get("Every model this server can serve, loaded or not",

@@ -1,0 +1,83 @@
+"""The Messages API's routes: `POST /v1/messages` (streamed over SSE with Anthropic's typed
+events, or returned whole) and `POST /v1/messages/count_tokens`, on the chat-completions
+service. Every error on these paths, the edge's included (a wrong key, a large body), has
+Anthropic's shape and status: `{"type": "error", "error": {"type", "message"}}`, 529 where
+the OpenAI side says 503."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import aclosing
+
+from quart import Blueprint, Response, g
+from werkzeug.exceptions import HTTPException
+
+from inference.errors import InferenceError
+from server.core.errors import (
+    APIError,
+    anthropic_error,
+    from_http_exception,
+    internal_error,
+    to_api_error,
+)
+from server.core.http import event_stream, json_body, json_response
+from server.core.state import app_state
+from server.messages.events import MessageWriter
+from server.messages.wire import CountTokensRequest, MessagesRequest
+from server.openai.services import services
+from server.openai.wire import parse_model
+
+bp = Blueprint("messages", __name__)
+log = logging.getLogger(__name__)
+
+
+@bp.post("/v1/messages")
+async def create() -> Response:
+    req = parse_model(MessagesRequest, await json_body())
+    req.check_supported()
+    chat = services().chat
+    chat_req = chat.parse(req.chat_body())
+    stream = await chat.start(chat_req, "messages", g.cache_scope)
+    writer = MessageWriter(model=req.model, prompt_tokens=stream.prompt_tokens)
+    events = writer.translate(chat.events(
+        chat_req, stream, include_usage=True, stop_sequences=True,
+        idle_s=app_state().settings.sse_ping_interval_s if req.stream else None))
+    if req.stream:
+        return await event_stream(events, typed=True)
+    async with aclosing(events):
+        async for _ in events:
+            pass
+    if writer.failure is not None:
+        raise writer.failure
+    return json_response(writer.message)
+
+
+@bp.post("/v1/messages/count_tokens")
+async def count_tokens() -> Response:
+    req = parse_model(CountTokensRequest, await json_body())
+    req.check_supported()
+    chat = services().chat
+    return json_response({"input_tokens": await chat.count_prompt(
+        chat.parse(req.chat_body(stream=False)))})
+
+
+@bp.errorhandler(APIError)
+async def api_error(err: APIError) -> Response:
+    status, body = anthropic_error(err)
+    return json_response(body, status, err.headers())
+
+
+@bp.errorhandler(InferenceError)
+async def inference_error(err: InferenceError) -> Response:
+    return await api_error(to_api_error(err))
+
+
+@bp.errorhandler(HTTPException)
+async def http_error(err: HTTPException) -> Response:
+    return await api_error(from_http_exception(err))
+
+
+@bp.errorhandler(Exception)
+async def unexpected(err: Exception) -> Response:
+    log.exception("unhandled error", exc_info=err)
+    return await api_error(internal_error())
