@@ -41,6 +41,7 @@ bench: prepare
 	$(BIN)/python benchmarks/limits.py
 	$(BIN)/python benchmarks/prompt_cache.py
 	$(BIN)/python benchmarks/responses.py
+	$(BIN)/python benchmarks/tenants.py
 	$(BIN)/python benchmarks/structured.py
 	$(BIN)/python benchmarks/tools.py
 	$(BIN)/python benchmarks/embeddings.py

@@ -36,6 +36,12 @@ class ChatLimits:
     unread_per_choice: int = 64
     stall_s: float = 60.0  # ... and is cancelled once it has waited this long
     round_s: float = 0.25  # a device-thread turn's length: how long shutdown may wait for it
+    # While another tenant (API key) has sent work within `tenant_window_s`, a tenant may hold
+    # at most `max_running - tenant_reserve_rows` rows: the rest are kept for the others, whose
+    # requests then start at once instead of after a wave of the flood's streams
+    # (benchmarks/tenants.py). A lone tenant uses every row.
+    tenant_reserve_rows: int = 1
+    tenant_window_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from inference.errors import (
     InvalidInput,
     Overloaded,
 )
+from inference.fair import FairQueue
 from inference.limits import ChatLimits
 
 __all__ = ["ChatDelta", "ChatEngine", "Constraint", "DeltaStream", "EngineStats",
@@ -154,7 +155,9 @@ class ChatEngine:
         # The device thread's: the running choices (choice i holds pool row i), and the
         # generations waiting for room
         self._rows: list[Choice] = []
-        self._waiting: deque[Generation] = deque()
+        # waiting generations by tenant (cache scope), admitted round-robin (inference/fair.py)
+        self._waiting: FairQueue[Generation] = FairQueue(lambda gen: gen.cache_scope)
+        self._tenants_seen: dict[str, float] = {}  # tenant -> when it last sent work
         self._posted: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._busy = False  # the last turn left rows running or waiting
         self._held_told = False  # what the event loop was last told of `_held`
@@ -448,6 +451,7 @@ class ChatEngine:
             command = self._inbox.popleft()
             if isinstance(command, _Submit):
                 self._waiting.append(command.gen)
+                self._tenants_seen[command.gen.cache_scope] = time.monotonic()
             elif isinstance(command, _Cancel):
                 if not command.gen.cancelled:
                     command.gen.cancelled = True
@@ -457,19 +461,25 @@ class ChatEngine:
                     choice.generation.cancelled = True
                     choice.generation.stop_error = command.error
                 while self._waiting:
-                    self._post(self._close, self._waiting.popleft(), "failed", command.error)
+                    self._post(self._close, self._waiting.drop(), "failed", command.error)
 
     def _admit(self) -> None:
-        """Move waiting generations into the pool while they fit, oldest first."""
+        """Move waiting generations into the pool while they fit: each tenant's oldest in
+        turn, so a tenant's flood cannot hold another's request back for more than a turn;
+        and while other tenants are active, no tenant takes the rows kept for them."""
         while self._waiting:
-            gen = self._waiting[0]
+            tenant, gen = next(((t, g) for t, g in self._waiting.heads()
+                                if g.cancelled or self._may_take(t, len(g.choices))),
+                               (None, None))
+            if tenant is None or gen is None:
+                break  # every waiting tenant is at its share: the kept rows wait for others
             if gen.cancelled:  # client left while queued: it never costs compute
-                self._waiting.popleft()
+                self._waiting.drop(tenant)
                 self._post(self._close, gen, "cancelled", gen.stop_error)
                 continue
             if not self.pool.fits([c.reservation for c in gen.choices]):
                 break  # it waits for room; later ones wait behind it (no starvation)
-            self._waiting.popleft()
+            self._waiting.pop(tenant)
             for choice in gen.choices:
                 choice.row = self.pool.add(choice.reservation)
                 self._rows.append(choice)
@@ -477,6 +487,20 @@ class ChatEngine:
         if bool(self._waiting) != self._held_told:
             self._held_told = bool(self._waiting)
             self._post(self._holding, self._held_told)
+
+    def _may_take(self, tenant: str, rows: int) -> bool:
+        """Whether `tenant` may take `rows` more rows: all of them while it is the only
+        tenant active within `tenant_window_s`, else up to `max_running` less the rows kept
+        for the others (`tenant_reserve_rows`)."""
+        limits = self.limits
+        now = time.monotonic()
+        for other, seen in list(self._tenants_seen.items()):
+            if now - seen > limits.tenant_window_s:
+                del self._tenants_seen[other]
+        if len(self._tenants_seen) <= 1:
+            return True
+        held = sum(1 for c in self._rows if c.generation.cache_scope == tenant)  # a row each
+        return held + rows <= max(1, limits.max_running - limits.tenant_reserve_rows)
 
     def _round(self) -> None:
         """The round's runs: a prefill slice and a decode step. When every row waits for
