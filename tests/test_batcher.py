@@ -166,3 +166,26 @@ async def test_concurrent_requests_on_the_real_model(minilm: EmbeddingModel) -> 
     for i in range(64):
         np.testing.assert_allclose(got[i], alone[i], atol=1e-5)
     assert batcher.stats.model_runs_total < 64
+
+
+async def test_a_flood_does_not_hold_back_another_tenants_input(fake: FakeModel) -> None:
+    """Tenant A queues 40 inputs (five batches' worth) while the device is busy; tenant B's
+    one input, queued after them, runs in the first batch cut after the busy one: its place
+    is the head's plus one. First come, first served would run it sixth."""
+    batcher = EmbeddingBatcher(fake, EmbeddingLimits(max_batch_size=8, max_batch_tokens=1000),  # type: ignore[arg-type]
+                               run_cost_tokens=0)  # same lengths only: batches are by place
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        fake.gate.clear()
+        tg.start_soon(batcher.embed, [[1]], "a")
+        await anyio.to_thread.run_sync(fake.started.wait)
+        tg.start_soon(batcher.embed, [[2] * 4 for _ in range(40)], "a")
+        await anyio.sleep(0.01)
+        tg.start_soon(batcher.embed, [[3] * 4], "b")
+        await anyio.sleep(0.01)
+        fake.gate.set()
+        await anyio.sleep(0.3)
+        tg.cancel_scope.cancel()
+    which = [i for i, batch in enumerate(fake.batches) if [3] * 4 in batch]
+    assert which == [1], [len(b) for b in fake.batches]
+    assert sum(len(b) for b in fake.batches) == 42

@@ -1,8 +1,12 @@
 """The embedding micro-batcher: merges inputs of concurrent requests into device batches.
 
 The batching rule, in one place:
-- Inputs queue in arrival order in a bounded buffer; a request that would overflow it is
-  refused whole (`Overloaded`).
+- Inputs queue in a bounded buffer; a request that would overflow it is refused whole
+  (`Overloaded`). The queue is in arrival order within a tenant (the API key's scope) and
+  interleaved across tenants, input by input (fair queuing on a virtual clock: each input's
+  place is its tenant's previous place, or the head's if later, plus one). So one tenant's
+  thousand inputs do not hold another's single input behind them: it runs within a batch or
+  two.
 - When the device is free, the batcher looks at the oldest `window` inputs, sorts them by
   length, and cuts the batch that contains the oldest input, growing it with its neighbours in
   length while padded tokens (longest x count) stay within `max_batch_tokens` and the count
@@ -13,14 +17,16 @@ The batching rule, in one place:
   1.4 ms plus 0.09 ms per padded token, so 16 tokens. Padding is compute thrown away, and on
   a CPU it costs what real tokens cost: batches grown past that bound ran fewer texts per
   second, not more.
-- The oldest input always runs next, so nothing starves. No timer: inputs that arrive while a
-  batch runs gather for the next one (with a fast client, 21 of 32 concurrent requests were
-  queued at each cut; with a Python client, 9: the client, not the batcher, was the limit).
+- The input at the head of the queue always runs next, so nothing starves. No timer: inputs
+  that arrive while a batch runs gather for the next one (with a fast client, 21 of 32
+  concurrent requests were queued at each cut; with a Python client, 9: the client, not the
+  batcher, was the limit).
 - Inputs of a request whose caller has gone are dropped before they cost compute.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
@@ -81,7 +87,10 @@ class _Job:
 
 @dataclass(order=True)
 class _Item:
+    # ordered by length, then place: a batch grows by neighbours in length, the earliest
+    # placed first
     length: int
+    place: int  # its place on the fair queue's virtual clock
     seq: int
     job: _Job = field(compare=False)
     index: int = field(compare=False)
@@ -105,8 +114,10 @@ class EmbeddingBatcher:
         self._run_cost = run_cost_tokens
         self.on_batch = on_batch  # (inputs, padded tokens, seconds), for metrics
         self._window = window or 8 * self.max_batch_size
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[_Item] = deque()  # by place: fair between tenants
         self._seq = 0
+        self._last_place: dict[str, int] = {}  # tenant -> the place of its last input
+        self._clock = 0  # the latest place cut into a batch
         self._wakeup = anyio.Event()
         self._running = False
         self._busy = False
@@ -164,8 +175,9 @@ class EmbeddingBatcher:
             self.model.check_length(ids[i], i)
         return [ids[i] for i, _ in items]
 
-    async def embed(self, inputs: Sequence[Sequence[int]]) -> list[Vector]:
+    async def embed(self, inputs: Sequence[Sequence[int]], tenant: str = "") -> list[Vector]:
         """Embed token-id lists (already wrapped and length-checked); results in input order.
+        `tenant` (the API key's scope) places them fairly among other tenants' inputs.
 
         Raises `Overloaded` if the queue cannot take every input. Cancelling the caller drops
         its inputs that have not run yet."""
@@ -175,9 +187,15 @@ class EmbeddingBatcher:
             raise Overloaded(f"model {self.model_id} has {len(self._queue)} inputs queued; "
                              "retry later", retry_after_s=1.0)
         job = _Job(len(inputs))
+        head = self._queue[0].place if self._queue else self._clock
+        place = max(head, self._last_place.get(tenant, 0))
+        items = []
         for index, ids in enumerate(inputs):
             self._seq += 1
-            self._queue.append(_Item(len(ids), self._seq, job, index, ids))
+            place += 1
+            items.append(_Item(len(ids), place, self._seq, job, index, ids))
+        self._last_place[tenant] = place
+        self._enqueue(items)
         self.stats.requests_total += 1
         self.stats.inputs_total += len(inputs)
         self.stats.tokens_total += sum(len(ids) for ids in inputs)
@@ -212,6 +230,26 @@ class EmbeddingBatcher:
             for item in self._queue:
                 item.job.fail(BackendUnavailable("the server is shutting down"))
             self._queue.clear()
+
+    def _enqueue(self, items: list[_Item]) -> None:
+        """Insert `items` (in place order) where their places put them: after every queued
+        input of an earlier or equal place."""
+        if not self._queue or self._queue[-1].place <= items[0].place:
+            self._queue.extend(items)  # the usual case: one tenant, or a tenant's turn is last
+            return
+        merged = list(self._queue)
+        at = bisect.bisect_right([item.place for item in merged], items[0].place)
+        tail = merged[at:]
+        merged = merged[:at]
+        i = j = 0
+        while i < len(tail) or j < len(items):
+            if j == len(items) or (i < len(tail) and tail[i].place <= items[j].place):
+                merged.append(tail[i])
+                i += 1
+            else:
+                merged.append(items[j])
+                j += 1
+        self._queue = deque(merged)
 
     @property
     def idle(self) -> bool:
@@ -258,6 +296,7 @@ class EmbeddingBatcher:
                     self.stats.padding_refusals_total += 1
                 break
         batch = window[lo : hi + 1]
+        self._clock = max(self._clock, *(item.place for item in batch))
         chosen = {id(item) for item in batch}
         self._queue = deque(item for item in self._queue if id(item) not in chosen)
         return batch

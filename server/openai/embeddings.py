@@ -85,7 +85,7 @@ class EmbeddingService:
                         == len(todo):
                     todo.append((i, x))
             ids = await batcher.tokenize(todo)
-            computed = await batcher.embed(ids)
+            computed = await batcher.embed(ids, tenant=scope)
             for i, x in misses:
                 slot = slots[x if isinstance(x, str) else tuple(x)]
                 vectors[i], tokens[i] = computed[slot], len(ids[slot])
