@@ -36,16 +36,17 @@ QUESTIONS = ["Tell me about lighthouses.", "Why are they built so tall?",
 OPENINGS = ["", "Please be brief. ", "I am a student. ", "Answer simply. "]
 
 
-def turn(url: str, model: str, messages: list[dict[str, str]], max_tokens: int
-         ) -> dict[str, Any]:
-    """One streamed turn: its TTFT, answer and usage."""
+def turn(url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+         headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """One streamed turn: its TTFT, answer and usage (`headers`: an API key's, say)."""
     body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = 0.0
     pieces: list[str] = []
     usage: dict[str, Any] = {}
-    with httpx.stream("POST", url, json=body, timeout=600) as resp:
+    with httpx.stream("POST", url, json=body, timeout=600, headers=headers) as resp:
+        resp.raise_for_status()
         for line in resp.iter_lines():
             if not line.startswith("data: {"):
                 continue

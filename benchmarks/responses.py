@@ -29,7 +29,7 @@ import orjson
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.prompt_cache import QUESTIONS  # noqa: E402
+from benchmarks.prompt_cache import QUESTIONS, turn  # noqa: E402
 from benchmarks.served import served  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 
@@ -64,31 +64,6 @@ def resumed_turn(base: str, model: str, question: str, previous: str | None,
             "cached_tokens": usage["input_tokens_details"]["cached_tokens"]}
 
 
-def chat_turn(base: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-              key: str) -> dict[str, Any]:
-    """One streamed chat-completions turn with the whole history: TTFT, answer, usage."""
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first = 0.0
-    pieces: list[str] = []
-    usage: dict[str, Any] = {}
-    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=600,
-                      headers={"Authorization": f"Bearer {key}"}) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = orjson.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter()
-                pieces.append(chunk["choices"][0]["delta"]["content"])
-    return {"ttft_s": first - t0, "answer": "".join(pieces),
-            "prompt_tokens": usage["prompt_tokens"],
-            "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
-
-
 class ChatConversation:
     """The baseline: each turn resends the whole history."""
 
@@ -98,7 +73,8 @@ class ChatConversation:
 
     def ask(self, question: str) -> dict[str, Any]:
         self.messages.append({"role": "user", "content": question})
-        result = chat_turn(self.base, self.model, self.messages, self.max_tokens, self.key)
+        result = turn(self.base + "/v1/chat/completions", self.model, self.messages,
+                      self.max_tokens, headers={"Authorization": f"Bearer {self.key}"})
         self.messages.append({"role": "assistant", "content": result["answer"]})
         return result
 

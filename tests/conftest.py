@@ -201,6 +201,27 @@ class LiveServer:
     def health(self) -> dict:  # type: ignore[type-arg]
         return httpx.get(self.base_url + "/health", timeout=5).json()  # type: ignore[no-any-return]
 
+    def model_stats(self, model: str) -> dict[str, Any]:
+        (entry,) = [m for m in self.health()["models"] if m["id"] == model]
+        return entry  # type: ignore[no-any-return]
+
+    def leave_mid_stream(self, path: str, body: dict[str, Any], marker: str,
+                         model: str) -> None:
+        """Stream `body` to `path`, hang up at the first line holding `marker`, and check
+        that the generation is cancelled and nothing is left running."""
+        before = self.model_stats(model)["stats"]["cancelled_total"]
+        with httpx.stream("POST", self.base_url + path, json=body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if marker in line:
+                    break
+        for _ in range(100):
+            if self.model_stats(model)["stats"]["cancelled_total"] > before:
+                break
+            time.sleep(0.1)
+        entry = self.model_stats(model)
+        assert entry["stats"]["cancelled_total"] == before + 1
+        assert entry["requests_running"] == 0
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,22 +23,25 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").e
 CHAT = "smollm2-135m-instruct"
 
 
-@pytest.fixture(scope="module")
-def replicas_behind_nginx(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
-                          ) -> Iterator[tuple[str, list[LiveServer]]]:
+def require_nginx(variable: str = "NPUGATE_REQUIRE_NGINX") -> str:
+    """nginx's path; a skip where it is absent, a failure where `variable` is 1 (CI)."""
     if NGINX is None:
-        if os.environ.get("NPUGATE_REQUIRE_NGINX") == "1":
+        if os.environ.get(variable) == "1":
             pytest.fail("no nginx (apt-get install nginx-light)")
         pytest.skip("no nginx (apt-get install nginx-light)")
-    prefix = tmp_path_factory.mktemp("nginx")
-    replicas = [LiveServer(chat=[smollm2_dir], embedding=[], log=prefix / f"replica{i}.log")
-                for i in range(2)]
+    return NGINX
+
+
+@contextmanager
+def nginx_in_front(replicas: list[LiveServer], prefix: Path) -> Iterator[str]:
+    """docs/nginx.conf in front of `replicas`, run from `prefix`: its base URL."""
+    nginx = require_nginx()
     port = free_port()
     conf = (REPO / "docs" / "nginx.conf").read_text()
     conf = (conf.replace("@LISTEN@", f"127.0.0.1:{port}").replace("@PREFIX@", str(prefix))
             .replace("@UPSTREAMS@", " ".join(f"server 127.0.0.1:{r.port};" for r in replicas)))
     (prefix / "nginx.conf").write_text(conf)
-    proc = subprocess.Popen([NGINX, "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
+    proc = subprocess.Popen([nginx, "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
                              "-g", "daemon off;"], stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -47,12 +51,25 @@ def replicas_behind_nginx(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFa
                     break
             except httpx.HTTPError:
                 time.sleep(0.05)
-        yield base, replicas
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def replicas_behind_nginx(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                          ) -> Iterator[tuple[str, list[LiveServer]]]:
+    require_nginx()
+    prefix = tmp_path_factory.mktemp("nginx")
+    replicas = [LiveServer(chat=[smollm2_dir], embedding=[], log=prefix / f"replica{i}.log")
+                for i in range(2)]
+    try:
+        with nginx_in_front(replicas, prefix) as base:
+            yield base, replicas
+    finally:
         for r in replicas:
             r.stop()
 

@@ -16,13 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
 from server.responses.store import PostgresStore, Retention, StoredResponse
-from tests.conftest import REPO, LiveServer, free_port
-from tests.test_nginx import NGINX
+from tests.conftest import LiveServer, free_port
+from tests.test_nginx import nginx_in_front, require_nginx
 
 SMOL = "smollm2-135m-instruct"
 BINARIES = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -103,33 +102,16 @@ def test_the_store_itself(postgres: str) -> None:
 def shared_replicas(postgres: str, smollm2_dir: Path,
                     tmp_path_factory: pytest.TempPathFactory
                     ) -> Iterator[tuple[str, list[LiveServer]]]:
-    if NGINX is None:
-        _missing("nginx")
+    require_nginx("NPUGATE_REQUIRE_POSTGRES")
     prefix = tmp_path_factory.mktemp("nginx-pg")
     replicas = [LiveServer(chat=[smollm2_dir], embedding=[], log=prefix / f"replica{i}.log",
                            extra=["--response-store", postgres, "--api-key", "sk-a",
                                   "--api-key", "sk-b"])
                 for i in range(2)]
-    port = free_port()
-    conf = (REPO / "docs" / "nginx.conf").read_text()
-    conf = (conf.replace("@LISTEN@", f"127.0.0.1:{port}").replace("@PREFIX@", str(prefix))
-            .replace("@UPSTREAMS@", " ".join(f"server 127.0.0.1:{r.port};" for r in replicas)))
-    (prefix / "nginx.conf").write_text(conf)
-    assert NGINX is not None
-    proc = subprocess.Popen([NGINX, "-c", str(prefix / "nginx.conf"), "-p", str(prefix),
-                             "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                if httpx.get(base + "/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        yield base, replicas
+        with nginx_in_front(replicas, prefix) as base:
+            yield base, replicas
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
         for r in replicas:
             r.stop()
 
