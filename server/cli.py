@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from server.core.security import read_key_file
+from server.core.security import APIKeys, read_key_file
 from server.settings import Settings
 
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="file of keys (one per line) for /v1/admin/*: loading and "
                        "unloading models; without one those endpoints answer 403")
     serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                       help="an API key, repeatable, as llama.cpp's and vLLM's servers take it "
+                       help="an API key, repeatable, as llama.cpp's and vLLM's servers take it; "
+                       "'KEY scope=NAME' shares one cache scope among the keys given NAME "
                        "(other local users can see it in the process list: a key file or "
                        "NPUGATE_API_KEYS keeps it out)")
     serve.add_argument("--api-key-file", default=os.environ.get("NPUGATE_API_KEY_FILE"),
@@ -252,6 +253,11 @@ def _serve(args: argparse.Namespace) -> int:
         admin = _keys("NPUGATE_ADMIN_KEYS", args.admin_key_file)
     except OSError as exc:
         print(f"npugate: cannot read a key file: {exc}", file=sys.stderr)
+        return 2
+    try:
+        APIKeys(keys)
+    except ValueError as exc:
+        print(f"npugate: {exc}", file=sys.stderr)
         return 2
     if args.response_store not in ("", "sqlite") and \
             not args.response_store.startswith(STORE_SCHEMES):

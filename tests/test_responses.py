@@ -454,3 +454,32 @@ def test_codex_cli_completes_a_turn(live_server: LiveServer, node_codex: Path,
     messages = [e["item"] for e in events if e.get("type") == "item.completed"
                 and e["item"].get("type") == "agent_message"]
     assert messages and messages[-1]["text"]
+
+
+SHARED = {"api_keys": ("sk-a scope=team", "sk-b scope=team", "sk-c")}
+
+
+@pytest.mark.anyio
+@pytest.mark.app(settings=SHARED, chat=("smollm2",), embedding=())
+async def test_keys_configured_to_share_a_scope(app: Any) -> None:
+    """Keys given the same `scope=NAME` share the prompt cache and the store (a team's
+    common system prompt is read once); a key outside the team sees neither."""
+    http = app.test_client()
+    body = {"model": SMOL, "instructions": GUIDE * 3, "input": "Hello.", "max_output_tokens": 2}
+
+    async def create(key: str) -> dict[str, Any]:
+        resp = await http.post("/v1/responses", json=body,
+                               headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200
+        return dict(await resp.get_json())
+
+    first = await create("sk-a")
+    assert first["usage"]["input_tokens_details"]["cached_tokens"] == 0
+    teammate = await create("sk-b")
+    assert teammate["usage"]["input_tokens_details"]["cached_tokens"] > 0
+    outsider = await create("sk-c")
+    assert outsider["usage"]["input_tokens_details"]["cached_tokens"] == 0
+    for key, status in (("sk-b", 200), ("sk-c", 404)):
+        resp = await http.get(f"/v1/responses/{first['id']}",
+                              headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == status

@@ -335,3 +335,12 @@ async def test_an_unknown_path_is_404_whatever_the_body(locked: Quart) -> None:
 async def test_the_chat_page_asks_for_no_favicon(locked: Quart) -> None:
     page = await (await locked.test_client().get("/")).get_data(as_text=True)
     assert '<link rel="icon" href="data:,">' in page  # browsers then request none
+
+
+def test_key_options() -> None:
+    keys = APIKeys(["sk-a scope=team", "sk-b  scope=team", "sk-c", ""])
+    assert keys.scope("sk-a") == keys.scope("sk-b") != keys.scope("sk-c")
+    assert keys.scope("sk-a scope=team") is None and keys.scope("team") is None
+    for bad in ("sk-d scope=", "sk-d team=x"):
+        with pytest.raises(ValueError, match="scope=NAME"):
+            APIKeys([bad])

@@ -2,8 +2,9 @@
 
 Keys are compared in constant time and never logged. With no keys configured, the server is
 open (a local tool's default). Each key has its own cache scope (`key_scope`, a hash of the
-key): prompt-cache and embedding-cache entries made under one key are invisible to the others,
-so no key can read or time what another sent. With no keys there is one scope.
+key): prompt-cache and embedding-cache entries and stored responses made under one key are
+invisible to the others, so no key can read or time what another sent, unless keys are
+configured to share a scope (`scope=NAME`). With no keys there is one scope.
 
 A browser on a foreign page can send a POST without a CORS
 preflight (a form or `text/plain` body), so CORS alone does not protect the API: API requests
@@ -34,11 +35,31 @@ def key_scope(key: str) -> str:
     return hashlib.sha256(b"npugate cache scope\0" + key.encode()).hexdigest()[:32]
 
 
+def shared_scope(name: str) -> str:
+    """The cache scope that keys configured with `scope=NAME` share."""
+    return key_scope("shared scope\0" + name)
+
+
 class APIKeys:
-    """The configured keys; `scope` compares in constant time against every one."""
+    """The configured keys; `scope` compares in constant time against every one.
+
+    An entry is a key, or a key and `scope=NAME`: keys given the same NAME share one scope
+    (a team's common system prompt stays cached for all of them, and they see each other's
+    stored responses); every other key has its own."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = [k.encode() for k in keys if k]
+        self._keys: list[tuple[bytes, str]] = []
+        for entry in keys:
+            if not entry.strip():
+                continue
+            key, *options = entry.split()
+            scope = key_scope(key)
+            for option in options:
+                name, _, value = option.partition("=")
+                if name != "scope" or not value:
+                    raise ValueError(f"unknown key option {option!r}: use scope=NAME")
+                scope = shared_scope(value)
+            self._keys.append((key.encode(), scope))
 
     @property
     def enabled(self) -> bool:
@@ -50,10 +71,11 @@ class APIKeys:
         if not self._keys:
             return OPEN_SCOPE
         given = (candidate or "").encode()
-        ok = False
-        for key in self._keys:  # no early exit: timing does not reveal which key matched
-            ok |= hmac.compare_digest(given, key)
-        return key_scope(candidate or "") if ok else None
+        found: str | None = None
+        for key, scope in self._keys:  # no early exit: timing does not reveal which matched
+            if hmac.compare_digest(given, key):
+                found = scope
+        return found
 
     def check(self, candidate: str | None) -> bool:
         return self.scope(candidate) is not None
@@ -70,7 +92,8 @@ class APIKeys:
 
 
 def read_key_file(path: str) -> list[str]:
-    """One key per line; blank lines and # comments are ignored."""
+    """One key per line, optionally followed by `scope=NAME` (`APIKeys`); blank lines and #
+    comments are ignored."""
     with open(path, encoding="utf-8") as fh:
         return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
 
