@@ -107,3 +107,37 @@ async def test_decode_batches_and_kv_use_while_streams_run(app: Quart) -> None:
     runs = _value(text, "npugate_decode_batch_size_count", model=CHAT)
     stepped = _value(text, "npugate_decode_batch_size_sum", model=CHAT)
     assert stepped == 3 * 599 and runs < stepped  # three streams shared decode runs
+
+
+TENANTS = {"api_keys": ("sk-a name=alice", "sk-b scope=team", "sk-c scope=team", "sk-d")}
+
+
+@pytest.mark.app(settings=TENANTS)
+async def test_usage_by_tenant(app: Quart) -> None:
+    """Requests and tokens by tenant, named by the key list (never by a key or its hash):
+    a key's name=, a shared scope's NAME, else key-N; failed keys apart."""
+    client = app.test_client()
+
+    async def chat(key: str) -> int:
+        resp = await client.post("/v1/chat/completions", headers={
+            "Authorization": f"Bearer {key}"}, json={"model": CHAT, "messages": HELLO,
+                                                     "max_tokens": 3, "temperature": 0})
+        body = await resp.get_json()
+        return int(body["usage"]["completion_tokens"]) if resp.status_code == 200 else -1
+
+    generated = {"alice": await chat("sk-a"),
+                 "team": await chat("sk-b") + await chat("sk-c"),
+                 "key-4": await chat("sk-d")}
+    assert await chat("sk-wrong") == -1
+    text = (await (await client.get("/metrics", headers={
+        "Authorization": "Bearer sk-a"})).get_data()).decode()
+    assert _value(text, "npugate_tenant_requests_total", tenant="alice", outcome="2xx") == 1
+    assert _value(text, "npugate_tenant_requests_total", tenant="team", outcome="2xx") == 2
+    assert _value(text, "npugate_tenant_requests_total", tenant="key-4", outcome="2xx") == 1
+    assert _value(text, "npugate_tenant_requests_total", tenant="unauthenticated",
+                  outcome="4xx") == 1
+    for tenant, tokens in generated.items():
+        assert _value(text, "npugate_tenant_tokens_total", tenant=tenant,
+                      kind="generated") == tokens
+        assert _value(text, "npugate_tenant_tokens_total", tenant=tenant, kind="prompt") > 0
+    assert "sk-" not in text

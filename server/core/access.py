@@ -51,6 +51,8 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
     """Every request's checks, before any route: size, host and origin, CORS preflight,
     draining, API key (which sets `g.cache_scope`), content type; then tagging and logging."""
     keys = APIKeys(settings.api_keys)
+    metrics = app.extensions["npugate"].metrics  # the AppState's (create_app builds it first)
+    metrics.tenant_names.update(keys.names)
     allow = settings.cors_origins
     check_host = is_loopback(settings.host)  # see server/core/security.py: DNS rebinding
     access_log = logging.getLogger("npugate.access")
@@ -99,6 +101,7 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
             scope = keys.header_scope(header) if header is not None or anthropic is None \
                 else keys.scope(anthropic)
             if scope is None:
+                g.unauthenticated = True  # counted apart from every tenant
                 raise unauthorized(provided=header is not None or anthropic is not None)
             g.cache_scope = scope
         if request.method == "POST" and not is_json(request.headers.get("Content-Type")) \
@@ -112,6 +115,10 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
 
     @app.after_request
     async def tag_and_log(response: Response) -> Response:
+        if request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
+            metrics.count_request(None if getattr(g, "unauthenticated", False)
+                                  else getattr(g, "cache_scope", OPEN_SCOPE),
+                                  response.status_code)
         rid = getattr(g, "request_id", None) or request_id(None)
         response.headers["X-Request-Id"] = rid
         origin = request.headers.get("Origin")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from http import HTTPStatus
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,7 +70,27 @@ class Metrics:
                                       "(a step's rows are filled together; this is the share "
                                       "of one)", ["model"], buckets=MASK_BUCKETS,
                                       registry=r)
+        # Per tenant (API key, or shared scope): label values are the configured names
+        # (server.core.security.APIKeys.names), so their number is bounded by the key list
+        self.tenant_names: dict[str, str] = {"": "open"}
+        self.tenant_requests = Counter("npugate_tenant_requests",
+                                       "API requests by tenant and outcome (2xx, 4xx, 429, "
+                                       "5xx)", ["tenant", "outcome"], registry=r)
+        self.tenant_tokens = Counter("npugate_tenant_tokens",
+                                     "Chat and completion tokens by tenant: prompt (cached "
+                                     "included), cached, generated", ["tenant", "kind"],
+                                     registry=r)
         r.register(_EngineStats(models, embedding_cache))
+
+    def tenant(self, scope: str) -> str:
+        """The metrics name of a cache scope."""
+        return self.tenant_names.get(scope, "other")
+
+    def count_request(self, scope: str | None, status: int) -> None:
+        """One API request's outcome; `scope` None: it had no valid key."""
+        outcome = "429" if status == HTTPStatus.TOO_MANY_REQUESTS else f"{status // 100}xx"
+        tenant = "unauthenticated" if scope is None else self.tenant(scope)
+        self.tenant_requests.labels(tenant, outcome).inc()
 
     def embedding_batch_observer(self, model: str) -> BatchObserver:
         return BatchObserver(self, model)
@@ -122,11 +143,12 @@ class MeteredStream(DeltaStream):
     stream counts its usage itself)."""
 
     def __init__(self, stream: GenerationStream, metrics: Metrics, model: str,
-                 endpoint: str) -> None:
+                 endpoint: str, scope: str = "") -> None:
         self._stream = stream
         self._m = metrics
         self._model = model
         self._endpoint = endpoint
+        self._tenant = metrics.tenant(scope)
         self._started = time.perf_counter()
         self._last: float | None = None
         self._closed = False
@@ -159,6 +181,10 @@ class MeteredStream(DeltaStream):
             self._closed = True
             self._m.e2e.labels(self._model, self._endpoint).observe(
                 time.perf_counter() - self._started)
+            tokens = self._m.tenant_tokens
+            tokens.labels(self._tenant, "prompt").inc(self.prompt_tokens)
+            tokens.labels(self._tenant, "cached").inc(self.cached_tokens)
+            tokens.labels(self._tenant, "generated").inc(self.completion_tokens)
         self._stream.close()
 
 

@@ -43,23 +43,33 @@ def shared_scope(name: str) -> str:
 class APIKeys:
     """The configured keys; `scope` compares in constant time against every one.
 
-    An entry is a key, or a key and `scope=NAME`: keys given the same NAME share one scope
-    (a team's common system prompt stays cached for all of them, and they see each other's
-    stored responses); every other key has its own."""
+    An entry is a key, then optionally `scope=NAME` and `name=NAME`. Keys given the same
+    scope NAME share one scope (a team's common system prompt stays cached for all of them,
+    and they see each other's stored responses); every other key has its own. `name=` is what
+    /metrics calls the key (default key-N, its place in the list)."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys: list[tuple[bytes, str]] = []
+        # what metrics call each scope: a shared scope's NAME, else the key's name=, else
+        # key-N (its place in the configuration); never the key or its hash
+        self.names: dict[str, str] = {OPEN_SCOPE: "open"}
         for entry in keys:
             if not entry.strip():
                 continue
             key, *options = entry.split()
-            scope = key_scope(key)
+            scope, label = key_scope(key), f"key-{len(self._keys) + 1}"
             for option in options:
                 name, _, value = option.partition("=")
-                if name != "scope" or not value:
-                    raise ValueError(f"unknown key option {option!r}: use scope=NAME")
-                scope = shared_scope(value)
+                if name == "scope" and value:
+                    scope = shared_scope(value)
+                    label = value
+                elif name == "name" and value:
+                    label = value
+                else:
+                    raise ValueError(f"unknown key option {option!r}: use scope=NAME or "
+                                     "name=NAME")
             self._keys.append((key.encode(), scope))
+            self.names.setdefault(scope, label)
 
     @property
     def enabled(self) -> bool:

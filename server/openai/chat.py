@@ -90,7 +90,7 @@ class ChatService:
         async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
             assert isinstance(engine, ChatEngine)
             stream = await self._start(req, engine, scope)
-        return MeteredStream(stream, self._metrics, req.model, endpoint)
+        return MeteredStream(stream, self._metrics, req.model, endpoint, scope)
 
     async def _start(self, req: ChatCompletionRequest, engine: ChatEngine, scope: str
                      ) -> GenerationStream:

@@ -59,7 +59,7 @@ class CompletionService:
             stream = await engine.start_completion(prompts, params, n=req.n, cache_scope=scope)
         echo = [p if isinstance(p, str) else engine.detokenize(p)
                 for p in prompts for _ in range(req.n)] if req.echo else []
-        return MeteredStream(stream, self._metrics, req.model, "completions"), echo
+        return MeteredStream(stream, self._metrics, req.model, "completions", scope), echo
 
     def events(self, req: CompletionRequest, stream: MeteredStream, echo: list[str], *,
                include_usage: bool, idle_s: float | None = None
