@@ -19,6 +19,7 @@ from server.core.access import install_access_hooks, install_error_handlers
 from server.core.catalogue import Catalogue
 from server.core.metrics import Metrics
 from server.core.registry import ModelRegistry
+from server.core.security import APIKeys
 from server.core.state import AppState
 from server.messages import routes as messages_routes
 from server.openai import routes as openai_routes
@@ -44,6 +45,7 @@ def create_app(settings: Settings, engines: list[ChatEngine] | None = None,
                                *((p, "embedding") for p in settings.embedding_models)],
                               settings.models_dir)
         registry = ModelRegistry(catalogue, settings)
+    registry.allowed = APIKeys(settings.api_keys).allowed
     embedding_cache = EmbeddingCache(settings.embedding_cache_mib * 2**20)
     registry.on_unload.append(embedding_cache.drop_model)
     metrics = Metrics(registry, embedding_cache)

@@ -344,3 +344,39 @@ def test_key_options() -> None:
     for bad in ("sk-d scope=", "sk-d team=x"):
         with pytest.raises(ValueError, match="scope=NAME"):
             APIKeys([bad])
+
+
+LIMITED = {"api_keys": ("sk-chat models=phi3-tiny-random", "sk-all")}
+
+
+@pytest.mark.anyio
+@pytest.mark.app(settings=LIMITED)
+async def test_a_key_limited_to_some_models(app: Quart) -> None:
+    """`models=` limits a key: any other model is 403 naming it, on every surface, and the
+    model list shows only its models."""
+    client = app.test_client()
+    limited = {"Authorization": "Bearer sk-chat"}
+    chat = {"model": "phi3-tiny-random", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=chat, headers=limited)
+            ).status_code == 200
+    for path, body in (("/v1/embeddings", {"model": "bert-tiny-cls-random", "input": "hi"}),
+                       ("/v1/chat/completions", {**chat, "model": "no-such-model"})):
+        resp = await client.post(path, json=body, headers=limited)
+        error = (await resp.get_json())["error"]
+        assert resp.status_code == 403 and error["code"] == "model_not_allowed"
+        assert body["model"] in error["message"] and error["param"] == "model"
+    listed = await (await client.get("/v1/models", headers=limited)).get_json()
+    assert [m["id"] for m in listed["data"]] == ["phi3-tiny-random"]
+    assert (await client.get("/v1/models/bert-tiny-cls-random", headers=limited)
+            ).status_code == 403
+    anthropic = await client.post("/v1/messages", headers={"x-api-key": "sk-chat"}, json={
+        "model": "bert-tiny-cls-random", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert anthropic.status_code == 403
+    assert (await anthropic.get_json())["error"]["type"] == "permission_error"
+    everything = await (await client.get("/v1/models", headers={
+        "Authorization": "Bearer sk-all"})).get_json()
+    assert len(everything["data"]) == 2
+    with pytest.raises(ValueError, match="different models"):
+        APIKeys(["k1 scope=t models=a", "k2 scope=t models=b"])

@@ -59,8 +59,9 @@ def unauthorized(provided: bool) -> APIError:
     return APIError(401, message, type="authentication_error", code="invalid_api_key")
 
 
-def forbidden(message: str, *, code: str, type: str = "invalid_request_error") -> APIError:
-    return APIError(403, message, type=type, code=code)
+def forbidden(message: str, *, code: str, type: str = "invalid_request_error",
+              param: str | None = None) -> APIError:
+    return APIError(403, message, type=type, code=code, param=param)
 
 
 def model_not_found(model: str) -> APIError:

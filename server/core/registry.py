@@ -33,7 +33,7 @@ from inference.chat.engine import ChatEngine, RunObserver
 from inference.embed.batcher import EmbeddingBatcher
 from inference.errors import InferenceError
 from server.core.catalogue import Catalogue, CatalogueEntry, Task
-from server.core.errors import APIError, bad_request, model_not_found, unavailable
+from server.core.errors import APIError, bad_request, forbidden, model_not_found, unavailable
 from server.core.loader import expected_bytes, load_engine
 from server.settings import Settings
 
@@ -123,6 +123,8 @@ class ModelRegistry:
         self.memory_budget_bytes = settings.memory_budget_mib * 2**20
         self.load_timeout_s = settings.load_timeout_s
         self.entries: dict[str, ModelEntry] = {}
+        # scope -> the models its keys may use (absent: every model); see APIKeys.allowed
+        self.allowed: dict[str, frozenset[str]] = {}
         self.on_unload: list[Callable[[str], None]] = []  # e.g. the embedding cache's
         self.started = False  # the start-up models have had their load attempt
         self._tg: TaskGroup | None = None
@@ -314,11 +316,21 @@ class ModelRegistry:
             entry.set_status("unloaded")
         await self.ensure_loaded(entry)
 
+    def check_access(self, scope: str, model: str) -> None:
+        """Refuse `model` to a key limited to other models (before saying whether it exists)."""
+        allowed = self.allowed.get(scope)
+        if allowed is not None and model not in allowed:
+            raise forbidden(f"this API key may not use model '{model}'; it may use "
+                            f"{', '.join(sorted(allowed))}", code="model_not_allowed",
+                            param="model")
+
     @asynccontextmanager
-    async def use(self, model: str, task: Task, keep_alive_s: float | None = None
-                  ) -> AsyncIterator[Engine]:
+    async def use(self, model: str, task: Task, keep_alive_s: float | None = None, *,
+                  scope: str = "") -> AsyncIterator[Engine]:
         """The engine of `model`, loaded if need be; the model stays loaded while the block
-        runs (hand the engine its work inside it)."""
+        runs (hand the engine its work inside it). `scope`: the caller's key's, checked
+        against the models it may use."""
+        self.check_access(scope, model)
         entry = await self.entry(model, task)
         await self.ensure_loaded(entry)
         # counted from here, not while waiting for the load: an unload in progress waits for

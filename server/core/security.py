@@ -43,21 +43,24 @@ def shared_scope(name: str) -> str:
 class APIKeys:
     """The configured keys; `scope` compares in constant time against every one.
 
-    An entry is a key, then optionally `scope=NAME` and `name=NAME`. Keys given the same
-    scope NAME share one scope (a team's common system prompt stays cached for all of them,
-    and they see each other's stored responses); every other key has its own. `name=` is what
-    /metrics calls the key (default key-N, its place in the list)."""
+    An entry is a key, then optionally `scope=NAME`, `name=NAME` and `models=ID,ID`. Keys
+    given the same scope NAME share one scope (a team's common system prompt stays cached for
+    all of them, and they see each other's stored responses); every other key has its own.
+    `name=` is what /metrics calls the key (default key-N, its place in the list). `models=`
+    limits the key to those models (others get 403); without it a key may use any."""
 
     def __init__(self, keys: Sequence[str]) -> None:
         self._keys: list[tuple[bytes, str]] = []
         # what metrics call each scope: a shared scope's NAME, else the key's name=, else
         # key-N (its place in the configuration); never the key or its hash
         self.names: dict[str, str] = {OPEN_SCOPE: "open"}
+        self.allowed: dict[str, frozenset[str]] = {}  # scope -> its models (absent: all)
         for entry in keys:
             if not entry.strip():
                 continue
             key, *options = entry.split()
             scope, label = key_scope(key), f"key-{len(self._keys) + 1}"
+            models: frozenset[str] | None = None
             for option in options:
                 name, _, value = option.partition("=")
                 if name == "scope" and value:
@@ -65,9 +68,15 @@ class APIKeys:
                     label = value
                 elif name == "name" and value:
                     label = value
+                elif name == "models" and value:
+                    models = frozenset(m for m in value.split(",") if m)
                 else:
-                    raise ValueError(f"unknown key option {option!r}: use scope=NAME or "
-                                     "name=NAME")
+                    raise ValueError(f"unknown key option {option!r}: use scope=NAME, "
+                                     "name=NAME or models=ID,ID")
+            if models is not None:
+                if self.allowed.get(scope, models) != models:
+                    raise ValueError(f"keys sharing scope {label!r} name different models=")
+                self.allowed[scope] = models
             self._keys.append((key.encode(), scope))
             self.names.setdefault(scope, label)
 

@@ -58,7 +58,7 @@ async def count_tokens() -> Response:
     req.check_supported()
     chat = services().chat
     return json_response({"input_tokens": await chat.count_prompt(
-        chat.parse(req.chat_body(stream=False)))})
+        chat.parse(req.chat_body(stream=False)), g.cache_scope)})
 
 
 @bp.errorhandler(APIError)

@@ -87,7 +87,8 @@ class ChatService:
         """Queue a parsed request, reusing only the prompt-cache entries of `scope` (the
         caller's key's). Every error is raised here, before any response."""
         req.check_supported()
-        async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
+        async with self._registry.use(req.model, "chat", req.keep_alive_seconds(),
+                                      scope=scope) as engine:
             assert isinstance(engine, ChatEngine)
             stream = await self._start(req, engine, scope)
         return MeteredStream(stream, self._metrics, req.model, endpoint, scope)
@@ -101,11 +102,12 @@ class ChatService:
         return await engine.start(plan.messages, params, n=req.n, grammar=plan.grammar,
                                   tools=plan.tools, cache_scope=scope)
 
-    async def count_prompt(self, req: ChatCompletionRequest) -> int:
+    async def count_prompt(self, req: ChatCompletionRequest, scope: str) -> int:
         """The tokens of the prompt `req` would be read as: template, tools and the
         preambles that describe them included (what `usage.prompt_tokens` reports)."""
         req.check_supported()
-        async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
+        async with self._registry.use(req.model, "chat", req.keep_alive_seconds(),
+                                      scope=scope) as engine:
             assert isinstance(engine, ChatEngine)
             plan = self._plan(req, engine, compile_grammar=False)
             ids = await anyio.to_thread.run_sync(engine.model.encode_prompt, plan.messages,

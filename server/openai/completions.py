@@ -53,7 +53,8 @@ class CompletionService:
             req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS,
                                                            self._max_tokens_limit)})
         prompts = req.prompts()
-        async with self._registry.use(req.model, "chat", req.keep_alive_seconds()) as engine:
+        async with self._registry.use(req.model, "chat", req.keep_alive_seconds(),
+                                      scope=scope) as engine:
             assert isinstance(engine, ChatEngine)
             params = sampling_params(req, engine.sampling_defaults, self._max_tokens_limit)
             stream = await engine.start_completion(prompts, params, n=req.n, cache_scope=scope)

@@ -48,8 +48,8 @@ class EmbeddingService:
 
     async def embed(self, req: EmbeddingRequest, scope: str) -> dict[str, Any]:
         """The vectors of a parsed request; cached ones only from `scope` (the caller's key's)."""
-        async with self._registry.use(req.model, "embedding",
-                                      req.keep_alive_seconds()) as batcher:
+        async with self._registry.use(req.model, "embedding", req.keep_alive_seconds(),
+                                      scope=scope) as batcher:
             assert isinstance(batcher, EmbeddingBatcher)
             vectors, tokens = await self._vectors(req, batcher, scope)
         return _response(req, vectors, tokens)

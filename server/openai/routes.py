@@ -71,10 +71,14 @@ async def openapi() -> Response:
 async def list_models() -> Response:
     registry = app_state().registry
     await registry.refresh()  # models prepared while the server runs
+    allowed = registry.allowed.get(g.cache_scope)  # a key limited to some models sees those
     return json_response({"object": "list",
-                          "data": [model_object(e) for e in registry.entries.values()]})
+                          "data": [model_object(e) for e in registry.entries.values()
+                                   if allowed is None or e.id in allowed]})
 
 
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response:
-    return json_response(model_object(await app_state().registry.entry(model_id)))
+    registry = app_state().registry
+    registry.check_access(g.cache_scope, model_id)
+    return json_response(model_object(await registry.entry(model_id)))

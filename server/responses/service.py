@@ -111,7 +111,7 @@ class ResponsesService:
     async def input_tokens(self, req: ResponsesRequest, owner: str) -> dict[str, Any]:
         _, chat_req = await self._context(req, owner)
         return {"object": "response.input_tokens",
-                "input_tokens": await self._chat.count_prompt(chat_req)}
+                "input_tokens": await self._chat.count_prompt(chat_req, owner)}
 
 
 def page(items: list[dict[str, Any]], *, limit: int, order: str, after: str | None
