@@ -483,3 +483,20 @@ async def test_keys_configured_to_share_a_scope(app: Any) -> None:
         resp = await http.get(f"/v1/responses/{first['id']}",
                               headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == status
+
+
+@pytest.mark.anyio
+@pytest.mark.app(chat=("phi3",), embedding=())
+async def test_a_store_that_fails_loses_no_answer(app: Any) -> None:
+    """The answer is served whole and marked `store: false`; reading the store is a 503."""
+    from server.responses.services import responses_service
+
+    await responses_service(app).store.close()  # every write and read now fails
+    http = app.test_client()
+    resp = await http.post("/v1/responses", json={"model": "phi3-tiny-random", "input": "hi",
+                                                   "max_output_tokens": 3})
+    body = await resp.get_json()
+    assert resp.status_code == 200 and body["store"] is False and body["output"]
+    got = await http.get(f"/v1/responses/{body['id']}")
+    assert got.status_code == 503
+    assert (await got.get_json())["error"]["code"] == "store_unavailable"

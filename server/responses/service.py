@@ -10,6 +10,7 @@ tokens are read.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -24,6 +25,7 @@ from server.responses.store import ResponseStore, StoredResponse, StoreUnavailab
 from server.responses.wire import ResponsesRequest, chat_messages, input_items
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+log = logging.getLogger(__name__)
 
 
 class ResponsesService:
@@ -70,9 +72,15 @@ class ResponsesService:
             async for event in events:
                 if event is not None and event["type"] in TERMINAL and req.store \
                         and writer.status != "failed":
-                    await self.store.put(StoredResponse(
-                        writer.id, owner, time.time(), writer.response, items,
-                        req.instructions))
+                    try:
+                        await self.store.put(StoredResponse(
+                            writer.id, owner, time.time(), writer.response, items,
+                            req.instructions))
+                    except StoreUnavailable:
+                        # the answer is whole: it is served, marked as not stored
+                        log.exception("response %s was not stored", writer.id)
+                        writer.echo["store"] = False
+                        event = {**event, "response": writer.response}
                 yield event
         finally:
             await events.aclose()
