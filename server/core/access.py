@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any
 
 import orjson
-from quart import Quart, Response, g, request, websocket
+from quart import Blueprint, Quart, Response, g, request, websocket
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
@@ -147,21 +149,29 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
         g.api_keys = keys
 
 
-def install_error_handlers(app: Quart) -> None:
-    """Every error becomes an OpenAI error body with its status (`server.core.errors`)."""
-    @app.errorhandler(APIError)
-    async def api_error(err: APIError) -> Response:
-        return json_response(err.body(), err.status, err.headers())
+def openai_error(err: APIError) -> tuple[int, dict[str, Any]]:
+    return err.status, err.body()
 
-    @app.errorhandler(InferenceError)
+
+def install_error_handlers(target: Quart | Blueprint,
+                           shape: Callable[[APIError], tuple[int, dict[str, Any]]] = openai_error
+                           ) -> None:
+    """Every error becomes a body with its status (`server.core.errors`): OpenAI's by default;
+    a surface with its own shape installs it on its blueprint (the Messages API)."""
+    @target.errorhandler(APIError)
+    async def api_error(err: APIError) -> Response:
+        status, body = shape(err)
+        return json_response(body, status, err.headers())
+
+    @target.errorhandler(InferenceError)
     async def inference_error(err: InferenceError) -> Response:
         return await api_error(to_api_error(err))
 
-    @app.errorhandler(HTTPException)
+    @target.errorhandler(HTTPException)
     async def http_error(err: HTTPException) -> Response:
         return await api_error(from_http_exception(err))
 
-    @app.errorhandler(Exception)
+    @target.errorhandler(Exception)
     async def unexpected(err: Exception) -> Response:
         log.exception("unhandled error", exc_info=err)
         return await api_error(internal_error())

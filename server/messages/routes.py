@@ -6,20 +6,12 @@ the OpenAI side says 503."""
 
 from __future__ import annotations
 
-import logging
 from contextlib import aclosing
 
 from quart import Blueprint, Response, g
-from werkzeug.exceptions import HTTPException
 
-from inference.errors import InferenceError
-from server.core.errors import (
-    APIError,
-    anthropic_error,
-    from_http_exception,
-    internal_error,
-    to_api_error,
-)
+from server.core.access import install_error_handlers
+from server.core.errors import anthropic_error
 from server.core.http import event_stream, json_body, json_response
 from server.core.state import app_state
 from server.messages.events import MessageWriter
@@ -28,7 +20,6 @@ from server.openai.services import services
 from server.openai.wire import parse_model
 
 bp = Blueprint("messages", __name__)
-log = logging.getLogger(__name__)
 
 
 @bp.post("/v1/messages")
@@ -61,23 +52,5 @@ async def count_tokens() -> Response:
         chat.parse(req.chat_body(stream=False)), g.cache_scope)})
 
 
-@bp.errorhandler(APIError)
-async def api_error(err: APIError) -> Response:
-    status, body = anthropic_error(err)
-    return json_response(body, status, err.headers())
-
-
-@bp.errorhandler(InferenceError)
-async def inference_error(err: InferenceError) -> Response:
-    return await api_error(to_api_error(err))
-
-
-@bp.errorhandler(HTTPException)
-async def http_error(err: HTTPException) -> Response:
-    return await api_error(from_http_exception(err))
-
-
-@bp.errorhandler(Exception)
-async def unexpected(err: Exception) -> Response:
-    log.exception("unhandled error", exc_info=err)
-    return await api_error(internal_error())
+# every error on these paths, the edge's included, in Anthropic's shape and status
+install_error_handlers(bp, anthropic_error)

@@ -17,7 +17,6 @@ from pydantic import Field, field_validator
 from server.core.errors import bad_request
 from server.openai.wire import (
     FUNCTION_NAME,
-    MAX_SCHEMA_DEPTH,
     _check_depth,
     _KeepAlive,
     _WireModel,
@@ -318,4 +317,4 @@ def chat_messages(instructions: str | None, items: list[dict[str, Any]]
     return messages
 
 
-__all__ = ["MAX_SCHEMA_DEPTH", "ResponsesRequest", "chat_messages", "input_items", "new_id"]
+__all__ = ["ResponsesRequest", "chat_messages", "input_items", "new_id"]
