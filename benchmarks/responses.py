@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.prompt_cache import QUESTIONS, turn  # noqa: E402
 from benchmarks.served import served  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
+from server.core.database import SQLITE_FILE  # noqa: E402
 
 KEYS = {"responses": "sk-bench-responses", "chat": "sk-bench-chat",
         "warm-up": "sk-bench-warm-up"}
@@ -129,7 +130,7 @@ def main() -> int:
     for i in range(args.repeats):
         data = args.out.parent / f"responses-store-{i}"
         data.mkdir(parents=True, exist_ok=True)
-        (data / "responses.sqlite3").unlink(missing_ok=True)
+        (data / SQLITE_FILE).unlink(missing_ok=True)
         runs.append(repeat(args.model, args.max_tokens, data=data, responses_first=i % 2 == 0))
     # Whichever path goes second in a turn waits longer (measured: by up to ~200 ms at turn
     # 12, either way round), so each pair of repeats runs both orders on every turn, and the

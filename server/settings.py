@@ -96,6 +96,7 @@ class Settings:
     response_store: str = ""
     response_max_age_s: float = 30 * 86400.0
     response_store_mib: int = 1024
+    dashboard_sample_s: float = 5.0  # the dashboard's points are this far apart (an hour kept)
 
     def limits(self) -> ModelLimits:
         return ModelLimits(

@@ -135,3 +135,66 @@ def test_page_reconnects_after_the_server_comes_back(chromium: str, phi3_dir: Pa
     finally:
         if second is not None:
             second.stop()
+
+
+def test_the_dashboard_plots_live_figures(chromium: str, phi3_dir: Path, minilm_dir: Path,
+                                          tmp_path: Path) -> None:
+    """Two keys send chats and embeddings; the dashboard, opened with the admin key, shows
+    live tiles, draws its charts and lists both keys' usage. A screenshot is kept."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "admin").write_text("admin-key-for-the-dashboard\n")
+    (tmp_path / "keys").write_text("sk-ann name=ann\nsk-ben name=ben\n")
+    server = LiveServer(chat=[phi3_dir], embedding=[minilm_dir], log=tmp_path / "server.log",
+                        extra=["--admin-key-file", str(tmp_path / "admin"),
+                               "--api-key-file", str(tmp_path / "keys"),
+                               "--dashboard-sample", "1"])
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # traffic over several samples
+            for key in ("sk-ann", "sk-ben"):
+                headers = {"Authorization": f"Bearer {key}"}
+                assert httpx.post(server.base_url + "/v1/chat/completions", headers=headers,
+                                  timeout=30, json={
+                                      "model": "phi3-tiny-random", "max_tokens": 16, "messages": [
+                                          {"role": "user", "content": "hello"}]}).is_success
+                assert httpx.post(server.base_url + "/v1/embeddings", headers=headers,
+                                  timeout=30, json={"model": "all-minilm-l6-v2",
+                                                    "input": "the same words"}).is_success
+        figures = httpx.get(server.base_url + "/v1/admin/dashboard", timeout=10, headers={
+            "Authorization": "Bearer admin-key-for-the-dashboard"}).json()
+        assert any(p["tokens_per_s"] > 0 for p in figures["points"])
+        assert any(p["ttft_p50_ms"] for p in figures["points"])
+        assert any(p["embedding_cache_hit_rate"] for p in figures["points"])
+        assert httpx.get(server.base_url + "/v1/admin/dashboard", timeout=10).status_code == 401
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.route("**/*", lambda route: route.abort()
+                       if not route.request.url.startswith(server.base_url)
+                       else route.continue_())  # offline: nothing but the server
+            page.goto(server.base_url + "/dashboard#key=admin-key-for-the-dashboard")
+            page.wait_for_selector("#status.ok", timeout=15_000)
+            assert "#key=" not in page.url  # the key leaves the address bar
+            assert page.locator("#keys tr[data-key=ann]").count() == 1
+            assert page.locator("#keys tr[data-key=ben]").count() == 1
+            requests = int(page.locator("#keys tr[data-key=ann] td").nth(1).inner_text())
+            assert requests >= 2
+            assert page.locator(".tile[data-label='models loaded'] .value").inner_text() == "2"
+            assert page.locator("#models tbody tr").count() == 2
+            assert page.locator("figure canvas").count() == 9
+            # the tokens/s chart has drawn a line: some pixel is the first series' blue
+            drawn = page.evaluate("""() => {
+                const c = document.querySelector('#chart-tps canvas');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                for (let i = 0; i < d.length; i += 4)
+                    if (d[i] === 37 && d[i + 1] === 99 && d[i + 2] === 235) return true;
+                return false; }""")
+            assert drawn
+            OUT.mkdir(parents=True, exist_ok=True)
+            shot = page.screenshot(path=str(OUT / "dashboard.png"), full_page=True)
+            assert len(shot) > 20_000
+            browser.close()
+    finally:
+        server.stop()

@@ -495,7 +495,10 @@ async def test_clients_leaving_during_compiles_free_the_cpu(phi3: ChatModel) -> 
 
 async def test_a_consumer_that_stops_reading_pauses_its_generation(phi3: ChatModel) -> None:
     async with running(chat_engine(phi3)) as engine:
-        async with await engine.start(FRANCE, SamplingParams(max_tokens=600)) as stream:
+        # sampled, so the end-of-text tokens are banned: an early end is not what is tested
+        never_ends = SamplingParams(max_tokens=600, logit_bias=tuple(
+            (eos, -100.0) for eos in phi3.spec.eos_token_ids))
+        async with await engine.start(FRANCE, never_ends) as stream:
             with anyio.fail_after(10):
                 while engine.stats.paused_total == 0:  # noqa: ASYNC110 - observing
                     await anyio.sleep(0.01)

@@ -35,6 +35,20 @@ def test_a_dropped_item_keeps_the_turn() -> None:
     assert [queue.pop() for _ in range(2)] == [("a", 1), ("b", 0)]
 
 
+def test_a_heavier_tenant_takes_more_turns() -> None:
+    """Weight 2 takes two turns to weight 1's one; a tenant arriving late starts at the
+    current turn, with no credit banked from while it was idle."""
+    queue: FairQueue[tuple[str, int]] = FairQueue(lambda item: item[0],
+                                                  lambda item: 2.0 if item[0] == "a" else 1.0)
+    for i in range(6):
+        queue.append(("a", i))
+        queue.append(("b", i))
+    taken = "".join(queue.pop()[0] for _ in range(6))
+    assert taken == "abaaba", taken
+    queue.append(("c", 0))  # within a round: at most two of a's and one of b's first
+    assert ("c", 0) in [queue.pop() for _ in range(4)]
+
+
 @pytest.mark.anyio
 async def test_a_flood_does_not_hold_back_another_tenants_request(phi3: ChatModel) -> None:
     """Tenant A fills both rows and queues six more; B's one request, sent last, is admitted

@@ -16,13 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 
-from server.responses.store import PostgresStore, Retention, StoredResponse
+from server.core.database import PostgresDatabase
+from server.responses.store import SCHEMA, ResponseStore, Retention, StoredResponse
 from tests.conftest import LiveServer, free_port
 from tests.test_nginx import nginx_in_front, require_nginx
 
+ADMIN = "admin-key-for-replicas"
 SMOL = "smollm2-135m-instruct"
 BINARIES = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 
@@ -76,8 +79,9 @@ def postgres() -> Iterator[str]:
 def test_the_store_itself(postgres: str) -> None:
     """Owner scoping, delete, stats, and the size bound dropping the oldest first."""
     async def run() -> None:
-        store = PostgresStore(postgres, Retention(max_age_s=0, max_bytes=20_000))
-        await store.open()
+        db = PostgresDatabase(postgres)
+        await db.open(SCHEMA)
+        store = ResponseStore(db, Retention(max_age_s=0, max_bytes=20_000))
         try:
             await store.put(StoredResponse("resp_x", "a", 1.0, {"id": "resp_x"}, []))
             assert (await store.get("resp_x", "a")) is not None
@@ -93,7 +97,7 @@ def test_the_store_itself(postgres: str) -> None:
             assert await store.get("resp_000", "k") is None
             assert await store.get("resp_129", "k") is not None
         finally:
-            await store.close()
+            await db.close()
 
     anyio.run(run)
 
@@ -104,9 +108,11 @@ def shared_replicas(postgres: str, smollm2_dir: Path,
                     ) -> Iterator[tuple[str, list[LiveServer]]]:
     require_nginx("NPUGATE_REQUIRE_POSTGRES")
     prefix = tmp_path_factory.mktemp("nginx-pg")
+    (prefix / "admin").write_text(ADMIN + "\n")
     replicas = [LiveServer(chat=[smollm2_dir], embedding=[], log=prefix / f"replica{i}.log",
                            extra=["--response-store", postgres, "--api-key", "sk-a",
-                                  "--api-key", "sk-b"])
+                                  "--api-key", "sk-b", "--admin-key-file",
+                                  str(prefix / "admin")])
                 for i in range(2)]
     try:
         with nginx_in_front(replicas, prefix) as base:
@@ -156,6 +162,37 @@ def test_an_unreachable_store_is_reported(smollm2_dir: Path, tmp_path: Path) -> 
     """A server whose PostgreSQL is down does not start serving responses as if stored: it
     says why at start-up."""
     url = f"postgresql://npugate@127.0.0.1:{free_port()}/postgres"
-    with pytest.raises(RuntimeError, match="response store"):
+    with pytest.raises(RuntimeError, match="cannot open the database .--response-store."):
         LiveServer(chat=[smollm2_dir], embedding=[], log=tmp_path / "server.log",
                    extra=["--response-store", url])
+
+
+def test_keys_revocations_and_quotas_hold_on_every_replica(
+        shared_replicas: tuple[str, list[LiveServer]]) -> None:
+    """A key made on one replica works on the other; tokens used on one count against the
+    quota on the other; a revocation on one stops the key on both at its next request."""
+    _, (one, two) = shared_replicas
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    made = httpx.post(one.base_url + "/v1/admin/keys", headers=admin, timeout=10,
+                      json={"name": "everywhere", "tokens_per_day": 20})
+    assert made.status_code == 201, made.text
+    key = made.json()["key"]
+    body = {"model": SMOL, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Tell me about Paris, in detail."}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    used = httpx.post(two.base_url + "/v1/chat/completions", json=body, headers=headers,
+                      timeout=60)
+    assert used.status_code == 200 and used.json()["usage"]["total_tokens"] >= 20
+    time.sleep(2.5)  # replica two writes its usage within a second
+    refused = httpx.post(one.base_url + "/v1/chat/completions", json=body, headers=headers,
+                         timeout=60)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    listed = httpx.get(one.base_url + "/v1/admin/usage", headers=admin, timeout=10,
+                       params={"tenant": "everywhere"}).json()
+    assert listed["totals"]["everywhere"]["requests"] == 2
+    assert httpx.delete(two.base_url + "/v1/admin/keys/everywhere", headers=admin,
+                        timeout=10).status_code == 200
+    for replica in (one, two):
+        assert httpx.get(replica.base_url + "/v1/models", headers=headers,
+                         timeout=10).status_code == 401

@@ -23,7 +23,8 @@ from openai import NotFoundError, OpenAI
 from pydantic import BaseModel, Field
 
 from inference.chat.model import ChatModel
-from server.responses.store import Retention, SQLiteStore, StoredResponse
+from server.core.database import SQLITE_FILE, SQLiteDatabase
+from server.responses.store import SCHEMA, ResponseStore, Retention, StoredResponse
 from tests.conftest import LiveServer, greedy_reference
 
 SMOL = "smollm2-135m-instruct"
@@ -277,7 +278,7 @@ def test_a_killed_server_leaves_a_readable_store(data_server: tuple[LiveServer, 
             for i in range(5)]
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
-    db = sqlite3.connect(data / "responses.sqlite3")
+    db = sqlite3.connect(data / SQLITE_FILE)
     try:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert db.execute("SELECT COUNT(*) FROM responses").fetchone() == (5,)
@@ -294,15 +295,16 @@ def test_retention_drops_the_oldest(tmp_path: Path) -> None:
     """Past its size bound the store drops the oldest responses; every one is readable until
     it goes."""
     async def fill() -> tuple[int, list[str]]:
-        store = SQLiteStore(tmp_path / "r.sqlite3", Retention(max_age_s=0, max_bytes=20_000))
-        await store.open()
+        db = SQLiteDatabase(tmp_path / "r.sqlite3")
+        await db.open(SCHEMA)
+        store = ResponseStore(db, Retention(max_age_s=0, max_bytes=20_000))
         ids = []
         for i in range(200):
             ids.append(f"resp_{i:03d}")
             await store.put(StoredResponse(ids[-1], "k", float(i), {"n": "x" * 400}, []))
         stats = await store.stats()
         kept = [i for i in ids if await store.get(i, "k") is not None]
-        await store.close()
+        await db.close()
         return stats["bytes"], kept
 
     size, kept = anyio.run(fill)
@@ -491,7 +493,7 @@ async def test_a_store_that_fails_loses_no_answer(app: Any) -> None:
     """The answer is served whole and marked `store: false`; reading the store is a 503."""
     from server.responses.services import responses_service
 
-    await responses_service(app).store.close()  # every write and read now fails
+    await responses_service(app).store.db.close()  # every write and read now fails
     http = app.test_client()
     resp = await http.post("/v1/responses", json={"model": "phi3-tiny-random", "input": "hi",
                                                    "max_output_tokens": 3})

@@ -13,6 +13,7 @@ from quart import Quart
 from inference.chat.model import ChatModel
 from inference.embed.model import EmbeddingModel
 from server.core.security import OPEN_SCOPE, APIKeys
+from server.core.tenant import OPEN
 from server.settings import Settings
 from tests.conftest import serving
 
@@ -299,10 +300,12 @@ async def test_metrics_take_a_key_when_keys_are_configured(locked: Quart) -> Non
 
 def test_a_scope_is_a_hash_of_the_key_never_the_key() -> None:
     keys = APIKeys([KEY, "sk-other"])
-    mine, theirs = keys.scope(KEY), keys.scope("sk-other")
-    assert mine and theirs and mine != theirs and KEY not in mine
-    assert keys.header_scope(f"Bearer {KEY}") == mine and keys.scope("wrong") is None
-    assert APIKeys([]).scope(None) == APIKeys([]).scope("anything") == OPEN_SCOPE
+    mine, theirs = keys.tenant(KEY), keys.tenant("sk-other")
+    assert mine and theirs and mine.scope != theirs.scope and KEY not in mine.scope
+    assert keys.check_header(f"Bearer {KEY}") and keys.tenant("wrong") is None
+    assert not keys.check_header(f"Basic {KEY}")
+    assert APIKeys([]).tenant(None) == APIKeys([]).tenant("anything") == OPEN
+    assert OPEN.scope == OPEN_SCOPE
 
 
 async def _socket_cached_tokens(app: Quart, key: str) -> int:
@@ -338,10 +341,13 @@ async def test_the_chat_page_asks_for_no_favicon(locked: Quart) -> None:
 
 
 def test_key_options() -> None:
-    keys = APIKeys(["sk-a scope=team", "sk-b  scope=team", "sk-c", ""])
-    assert keys.scope("sk-a") == keys.scope("sk-b") != keys.scope("sk-c")
-    assert keys.scope("sk-a scope=team") is None and keys.scope("team") is None
-    for bad in ("sk-d scope=", "sk-d team=x"):
+    keys = APIKeys(["sk-a scope=team", "sk-b  scope=team name=bee weight=2", "sk-c", ""])
+    a, b, c = (keys.tenant(k) for k in ("sk-a", "sk-b", "sk-c"))
+    assert a and b and c and a.scope == b.scope != c.scope
+    assert (a.name, b.name, c.name) == ("team", "bee", "key-3")
+    assert (a.weight, b.weight) == (1.0, 2.0)
+    assert keys.tenant("sk-a scope=team") is None and keys.tenant("team") is None
+    for bad in ("sk-d scope=", "sk-d team=x", "sk-d weight=0", "sk-d weight=x"):
         with pytest.raises(ValueError, match="scope=NAME"):
             APIKeys([bad])
 
@@ -378,5 +384,3 @@ async def test_a_key_limited_to_some_models(app: Quart) -> None:
     everything = await (await client.get("/v1/models", headers={
         "Authorization": "Bearer sk-all"})).get_json()
     assert len(everything["data"]) == 2
-    with pytest.raises(ValueError, match="different models"):
-        APIKeys(["k1 scope=t models=a", "k2 scope=t models=b"])

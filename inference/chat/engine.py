@@ -156,7 +156,8 @@ class ChatEngine:
         # generations waiting for room
         self._rows: list[Choice] = []
         # waiting generations by tenant (cache scope), admitted round-robin (inference/fair.py)
-        self._waiting: FairQueue[Generation] = FairQueue(lambda gen: gen.cache_scope)
+        self._waiting: FairQueue[Generation] = FairQueue(lambda gen: gen.cache_scope,
+                                                          lambda gen: gen.weight)
         self._tenants_seen: dict[str, float] = {}  # tenant -> when it last sent work
         self._posted: list[tuple[Callable[..., None], tuple[object, ...]]] = []
         self._busy = False  # the last turn left rows running or waiting
@@ -229,10 +230,11 @@ class ChatEngine:
     async def start(self, messages: list[dict[str, Any]], params: SamplingParams, *,
                     n: int = 1, grammar: Constraint | None = None,
                     tools: list[dict[str, Any]] | None = None,
-                    cache_scope: str = "") -> GenerationStream:
+                    cache_scope: str = "", weight: float = 1.0) -> GenerationStream:
         """Queue a chat generation of `n` choices, each following `grammar` if one is given.
         `tools` go to templates that read them. Only prompt-cache entries of `cache_scope` are
-        reused. Raises before anything streams if it cannot be served."""
+        reused; `cache_scope` is also its tenant in the fair queue, where `weight` is its
+        share. Raises before anything streams if it cannot be served."""
         if not messages:
             raise InvalidInput("messages must not be empty", param="messages")
         self._check_start(params, n)
@@ -255,11 +257,12 @@ class ChatEngine:
             finally:
                 self._compiles -= 1
         return self._enqueue([prompt], params, n, param="messages", matchers=matchers,
-                             cache_scope=cache_scope)
+                             cache_scope=cache_scope, weight=weight)
 
     async def start_completion(self, prompts: list[str] | list[list[int]],
                                params: SamplingParams, *, n: int = 1,
-                               cache_scope: str = "") -> GenerationStream:
+                               cache_scope: str = "", weight: float = 1.0
+                               ) -> GenerationStream:
         """Queue a plain-text completion: `n` choices for each prompt (text, or token ids of
         this model's vocabulary), no chat template; prompt cache as in `start`."""
         if not prompts:
@@ -271,7 +274,8 @@ class ChatEngine:
         else:  # up to max_running x context ids: checked off the event loop too
             ids = [list(map(int, p)) for p in prompts]
             await anyio.to_thread.run_sync(self.model.check_token_ids, ids)
-        return self._enqueue(ids, params, n, param="prompt", cache_scope=cache_scope)
+        return self._enqueue(ids, params, n, param="prompt", cache_scope=cache_scope,
+                             weight=weight)
 
     def check_prompt_shape(self, prompts: int, id_lengths: list[int]) -> None:
         """Cheap checks before a request is validated in full: no more prompts than decode
@@ -299,7 +303,7 @@ class ChatEngine:
 
     def _enqueue(self, prompts: list[list[int]], params: SamplingParams, n: int, *,
                  param: str, matchers: list[Matcher] | None = None,
-                 cache_scope: str = "") -> GenerationStream:
+                 cache_scope: str = "", weight: float = 1.0) -> GenerationStream:
         longest = max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0:
             raise InvalidInput("a prompt has no tokens", param=param)
@@ -316,6 +320,7 @@ class ChatEngine:
             max_buffer_size=len(needs) * max_tokens + 2)  # one item per step at most: bounded
         gen = Generation(self.model, prompts, params, max_tokens, n, send, matchers,
                          cache_scope)
+        gen.weight = weight
         self._queued[gen] = len(gen.choices)
         self.stats.requests_total += 1
         self.stats.prompt_tokens_total += gen.prompt_tokens

@@ -63,6 +63,7 @@ class Generation:
         prompt-cache entries it may reuse and leaves (see prompt_cache)."""
         self.prompts = prompts
         self.cache_scope = cache_scope
+        self.weight = 1.0  # its tenant's share of the fair queue (inference/fair.py)
         self.max_tokens = max_tokens
         # The device thread's (see inference.chat.engine: ownership)
         self.emitted = 0  # deltas emitted

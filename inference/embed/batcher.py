@@ -4,7 +4,7 @@ The batching rule, in one place:
 - Inputs queue in a bounded buffer; a request that would overflow it is refused whole
   (`Overloaded`). The queue is in arrival order within a tenant (the API key's scope) and
   interleaved across tenants, input by input (fair queuing on a virtual clock: each input's
-  place is its tenant's previous place, or the head's if later, plus one). So one tenant's
+  place is its tenant's previous place, or the head's if later, plus 1/weight). So one tenant's
   thousand inputs do not hold another's single input behind them: it runs within a batch or
   two.
 - When the device is free, the batcher looks at the oldest `window` inputs, sorts them by
@@ -90,7 +90,7 @@ class _Item:
     # ordered by length, then place: a batch grows by neighbours in length, the earliest
     # placed first
     length: int
-    place: int  # its place on the fair queue's virtual clock
+    place: float  # its place on the fair queue's virtual clock
     seq: int
     job: _Job = field(compare=False)
     index: int = field(compare=False)
@@ -116,8 +116,8 @@ class EmbeddingBatcher:
         self._window = window or 8 * self.max_batch_size
         self._queue: deque[_Item] = deque()  # by place: fair between tenants
         self._seq = 0
-        self._last_place: dict[str, int] = {}  # tenant -> the place of its last input
-        self._clock = 0  # the latest place cut into a batch
+        self._last_place: dict[str, float] = {}  # tenant -> the place of its last input
+        self._clock = 0.0  # the latest place cut into a batch
         self._wakeup = anyio.Event()
         self._running = False
         self._busy = False
@@ -175,9 +175,11 @@ class EmbeddingBatcher:
             self.model.check_length(ids[i], i)
         return [ids[i] for i, _ in items]
 
-    async def embed(self, inputs: Sequence[Sequence[int]], tenant: str = "") -> list[Vector]:
+    async def embed(self, inputs: Sequence[Sequence[int]], tenant: str = "",
+                    weight: float = 1.0) -> list[Vector]:
         """Embed token-id lists (already wrapped and length-checked); results in input order.
-        `tenant` (the API key's scope) places them fairly among other tenants' inputs.
+        `tenant` (the API key's scope) places them fairly among other tenants' inputs, with
+        `weight` its share (each input advances its place by 1/weight).
 
         Raises `Overloaded` if the queue cannot take every input. Cancelling the caller drops
         its inputs that have not run yet."""
@@ -188,11 +190,11 @@ class EmbeddingBatcher:
                              "retry later", retry_after_s=1.0)
         job = _Job(len(inputs))
         head = self._queue[0].place if self._queue else self._clock
-        place = max(head, self._last_place.get(tenant, 0))
+        place = max(head, self._last_place.get(tenant, 0.0))
         items = []
         for index, ids in enumerate(inputs):
             self._seq += 1
-            place += 1
+            place += 1.0 / max(weight, 1e-6)
             items.append(_Item(len(ids), place, self._seq, job, index, ids))
         self._last_place[tenant] = place
         self._enqueue(items)

@@ -15,6 +15,7 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 
 from inference.errors import InferenceError
+from server.core.database import DatabaseUnavailable
 from server.core.errors import (
     APIError,
     forbidden,
@@ -28,8 +29,7 @@ from server.core.errors import (
 )
 from server.core.http import json_response
 from server.core.security import (
-    OPEN_SCOPE,
-    APIKeys,
+    bearer_token,
     host_allowed,
     is_json,
     is_loopback,
@@ -38,11 +38,13 @@ from server.core.security import (
     same_origin,
 )
 from server.core.state import app_state
+from server.core.tenant import OPEN
 from server.settings import Settings
+from server.tenants.usage import Counts
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/", "/favicon.ico", "/openapi.json")
+OPEN_PATHS = ("/", "/favicon.ico", "/openapi.json", "/dashboard")  # its figures take a key
 PROBE_PATHS = ("/health", "/health/live", "/health/ready")  # open unless --protect-health
 # /metrics carries every key's traffic (cache hits and misses included): with keys configured
 # it always takes one
@@ -51,10 +53,10 @@ HEALTH_PATHS = (*PROBE_PATHS, "/metrics")
 
 def install_access_hooks(app: Quart, settings: Settings) -> None:
     """Every request's checks, before any route: size, host and origin, CORS preflight,
-    draining, API key (which sets `g.cache_scope`), content type; then tagging and logging."""
-    keys = APIKeys(settings.api_keys)
-    metrics = app.extensions["npugate"].metrics  # the AppState's (create_app builds it first)
-    metrics.tenant_names.update(keys.names)
+    draining, API key (which sets `g.tenant`, and takes one of its requests per minute),
+    content type; then counting, tagging and logging."""
+    state = app.extensions["npugate"]  # the AppState (create_app builds it first)
+    metrics, tenants = state.metrics, state.tenants
     allow = settings.cors_origins
     check_host = is_loopback(settings.host)  # see server/core/security.py: DNS rebinding
     access_log = logging.getLogger("npugate.access")
@@ -96,16 +98,18 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
         if app_state().draining and request.path not in HEALTH_PATHS:
             raise unavailable("the server is shutting down; retry on another replica",
                               code="shutting_down")
-        g.cache_scope = OPEN_SCOPE
-        if keys.enabled and not is_open(request.path):
+        g.tenant = OPEN
+        if not is_open(request.path):
             header = request.headers.get("Authorization")
             anthropic = request.headers.get("x-api-key")  # Anthropic's clients send this
-            scope = keys.header_scope(header) if header is not None or anthropic is None \
-                else keys.scope(anthropic)
-            if scope is None:
+            tenant = await tenants.resolve(bearer_token(header) if header is not None
+                                           else anthropic)
+            if tenant is None:
                 g.unauthenticated = True  # counted apart from every tenant
                 raise unauthorized(provided=header is not None or anthropic is not None)
-            g.cache_scope = scope
+            g.tenant = tenant
+            if request.path.startswith("/v1/"):
+                tenants.gate.check_request(tenant)
         if request.method == "POST" and not is_json(request.headers.get("Content-Type")) \
                 and request.routing_exception is None \
                 and not request.path.startswith("/v1/admin/"):  # those read no body
@@ -118,9 +122,10 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
     @app.after_request
     async def tag_and_log(response: Response) -> Response:
         if request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
-            metrics.count_request(None if getattr(g, "unauthenticated", False)
-                                  else getattr(g, "cache_scope", OPEN_SCOPE),
-                                  response.status_code)
+            tenant = None if getattr(g, "unauthenticated", False) else getattr(g, "tenant", OPEN)
+            metrics.count_request(tenant and tenant.name, response.status_code)
+            if tenant is not None:
+                tenants.usage.add(tenant.name, Counts.of_request(response.status_code))
         rid = getattr(g, "request_id", None) or request_id(None)
         response.headers["X-Request-Id"] = rid
         origin = request.headers.get("Origin")
@@ -145,8 +150,9 @@ def install_access_hooks(app: Quart, settings: Settings) -> None:
         check_host_and_origin(websocket.host, websocket.headers.get("Origin"))
         if app_state().draining:
             raise unavailable("the server is shutting down", code="shutting_down")
-        g.ws_scope = keys.header_scope(websocket.headers.get("Authorization"))
-        g.api_keys = keys
+        # no tenant yet: the first message must carry the key (browsers cannot set headers)
+        g.ws_key = bearer_token(websocket.headers.get("Authorization"))
+        g.ws_tenant = await tenants.resolve(g.ws_key)
 
 
 def openai_error(err: APIError) -> tuple[int, dict[str, Any]]:
@@ -166,6 +172,12 @@ def install_error_handlers(target: Quart | Blueprint,
     @target.errorhandler(InferenceError)
     async def inference_error(err: InferenceError) -> Response:
         return await api_error(to_api_error(err))
+
+    @target.errorhandler(DatabaseUnavailable)
+    async def database_error(err: DatabaseUnavailable) -> Response:
+        log.warning("database unavailable: %s", err)
+        return await api_error(unavailable("the server's database cannot be reached; retry "
+                                           "later", code="database_unavailable"))
 
     @target.errorhandler(HTTPException)
     async def http_error(err: HTTPException) -> Response:

@@ -9,7 +9,8 @@ by `from_http_exception`. Every 429 and 503 carries `Retry-After`. A test
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -35,6 +36,7 @@ class APIError(Exception):
     param: str | None = None
     code: str | None = None
     retry_after_s: float | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)  # rate limits' x-ratelimit-*
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -42,8 +44,8 @@ class APIError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+            return dict(self.extra_headers)
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s))), **self.extra_headers}
 
 
 RETRY_AFTER_S = 5.0  # what a 503 asks clients to wait when nothing better is known
@@ -62,6 +64,11 @@ def unauthorized(provided: bool) -> APIError:
 def forbidden(message: str, *, code: str, type: str = "invalid_request_error",
               param: str | None = None) -> APIError:
     return APIError(403, message, type=type, code=code, param=param)
+
+
+def conflict(message: str, *, code: str, param: str | None = None) -> APIError:
+    """409: the request clashes with what exists (a key name in use)."""
+    return APIError(409, message, code=code, param=param)
 
 
 def model_not_found(model: str) -> APIError:
@@ -91,6 +98,20 @@ def headers_too_large(message: str) -> APIError:
 def overloaded(message: str, retry_after_s: float, *, code: str = "overloaded") -> APIError:
     return APIError(429, message, type="rate_limit_error", code=code,
                     retry_after_s=retry_after_s)
+
+
+def rate_limited(message: str, retry_after_s: float, headers: dict[str, str], *,
+                 code: str = "rate_limit_exceeded", retry: bool = True) -> APIError:
+    """429 for a tenant over one of its limits (`server.tenants.limits`), with OpenAI's
+    x-ratelimit-* `headers`. Retry-After is whole seconds rounded up, and `retry-after-ms`
+    (which the OpenAI and Anthropic SDKs read first) is exact; `retry=False` (a quota spent
+    until tomorrow) tells the SDKs not to retry at all (`x-should-retry`)."""
+    extra = {**headers, "retry-after-ms": str(math.ceil(retry_after_s * 1000))}
+    if not retry:
+        extra["x-should-retry"] = "false"
+    return APIError(429, message, type="insufficient_quota" if code == "insufficient_quota"
+                    else "rate_limit_error", code=code, retry_after_s=retry_after_s,
+                    extra_headers=extra)
 
 
 def unavailable(message: str, *, code: str, retry_after_s: float = RETRY_AFTER_S) -> APIError:

@@ -9,7 +9,7 @@ Names follow vLLM's and TEI's where they overlap.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -23,6 +23,7 @@ from server.core.registry import ModelRegistry
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+MAX_TENANT_LABELS = 256
 MASK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
@@ -70,9 +71,9 @@ class Metrics:
                                       "(a step's rows are filled together; this is the share "
                                       "of one)", ["model"], buckets=MASK_BUCKETS,
                                       registry=r)
-        # Per tenant (API key, or shared scope): label values are the configured names
-        # (server.core.security.APIKeys.names), so their number is bounded by the key list
-        self.tenant_names: dict[str, str] = {"": "open"}
+        # Per tenant (API key): label values are the keys' names, at most MAX_TENANT_LABELS
+        # of them (later ones count as "other")
+        self._tenant_labels: set[str] = set()
         self.tenant_requests = Counter("npugate_tenant_requests",
                                        "API requests by tenant and outcome (2xx, 4xx, 429, "
                                        "5xx)", ["tenant", "outcome"], registry=r)
@@ -80,17 +81,33 @@ class Metrics:
                                      "Chat and completion tokens by tenant: prompt (cached "
                                      "included), cached, generated", ["tenant", "kind"],
                                      registry=r)
+        self.tenant_embedding_cache = Counter(
+            "npugate_tenant_embedding_cache_lookups",
+            "Embedding-cache lookups by tenant and result (hit, miss); a tenant sees only its "
+            "scope's entries", ["tenant", "result"], registry=r)
         r.register(_EngineStats(models, embedding_cache))
 
-    def tenant(self, scope: str) -> str:
-        """The metrics name of a cache scope."""
-        return self.tenant_names.get(scope, "other")
+    def tenant(self, name: str) -> str:
+        """The label of a tenant's name: itself, unless too many are labelled already."""
+        if name not in self._tenant_labels:
+            if len(self._tenant_labels) >= MAX_TENANT_LABELS:
+                return "other"
+            self._tenant_labels.add(name)
+        return name
 
-    def count_request(self, scope: str | None, status: int) -> None:
-        """One API request's outcome; `scope` None: it had no valid key."""
+    def count_request(self, tenant: str | None, status: int) -> None:
+        """One API request's outcome; `tenant` None: it had no valid key."""
         outcome = "429" if status == HTTPStatus.TOO_MANY_REQUESTS else f"{status // 100}xx"
-        tenant = "unauthenticated" if scope is None else self.tenant(scope)
-        self.tenant_requests.labels(tenant, outcome).inc()
+        self.tenant_requests.labels("unauthenticated" if tenant is None
+                                    else self.tenant(tenant), outcome).inc()
+
+    def count_embedding_cache(self, tenant: str, hits: int, misses: int) -> None:
+        """One embedding request's cache lookups, by tenant (its scope's entries only)."""
+        label = self.tenant(tenant)
+        if hits:
+            self.tenant_embedding_cache.labels(label, "hit").inc(hits)
+        if misses:
+            self.tenant_embedding_cache.labels(label, "miss").inc(misses)
 
     def embedding_batch_observer(self, model: str) -> BatchObserver:
         return BatchObserver(self, model)
@@ -140,15 +157,18 @@ class ChatRunObserver:
 
 class MeteredStream(DeltaStream):
     """A `GenerationStream` that records TTFT, inter-token, queue and end-to-end latency (the
-    stream counts its usage itself)."""
+    stream counts its usage itself). On close it tells `on_close` the tokens it used
+    (prompt, cached, generated): the tenant's lease (`server.tenants.limits`)."""
 
     def __init__(self, stream: GenerationStream, metrics: Metrics, model: str,
-                 endpoint: str, scope: str = "") -> None:
+                 endpoint: str, tenant: str = "open",
+                 on_close: Callable[[int, int, int], None] | None = None) -> None:
         self._stream = stream
         self._m = metrics
         self._model = model
         self._endpoint = endpoint
-        self._tenant = metrics.tenant(scope)
+        self._tenant = metrics.tenant(tenant)
+        self._on_close = on_close
         self._started = time.perf_counter()
         self._last: float | None = None
         self._closed = False
@@ -185,7 +205,15 @@ class MeteredStream(DeltaStream):
             tokens.labels(self._tenant, "prompt").inc(self.prompt_tokens)
             tokens.labels(self._tenant, "cached").inc(self.cached_tokens)
             tokens.labels(self._tenant, "generated").inc(self.completion_tokens)
+            if self._on_close is not None:
+                self._on_close(self.prompt_tokens, self.cached_tokens, self.completion_tokens)
         self._stream.close()
+
+    def __del__(self) -> None:
+        # A stream dropped unread (its response never began, so nothing closed it) still
+        # ends its generation and its tenant's lease.
+        if not getattr(self, "_closed", True):
+            self.close()
 
 
 class _EngineStats(Collector):

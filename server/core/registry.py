@@ -35,6 +35,7 @@ from inference.errors import InferenceError
 from server.core.catalogue import Catalogue, CatalogueEntry, Task
 from server.core.errors import APIError, bad_request, forbidden, model_not_found, unavailable
 from server.core.loader import expected_bytes, load_engine
+from server.core.tenant import OPEN, Tenant
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,6 @@ class ModelRegistry:
         self.memory_budget_bytes = settings.memory_budget_mib * 2**20
         self.load_timeout_s = settings.load_timeout_s
         self.entries: dict[str, ModelEntry] = {}
-        # scope -> the models its keys may use (absent: every model); see APIKeys.allowed
-        self.allowed: dict[str, frozenset[str]] = {}
         self.on_unload: list[Callable[[str], None]] = []  # e.g. the embedding cache's
         self.started = False  # the start-up models have had their load attempt
         self._tg: TaskGroup | None = None
@@ -316,9 +315,10 @@ class ModelRegistry:
             entry.set_status("unloaded")
         await self.ensure_loaded(entry)
 
-    def check_access(self, scope: str, model: str) -> None:
+    @staticmethod
+    def check_access(tenant: Tenant, model: str) -> None:
         """Refuse `model` to a key limited to other models (before saying whether it exists)."""
-        allowed = self.allowed.get(scope)
+        allowed = tenant.models
         if allowed is not None and model not in allowed:
             raise forbidden(f"this API key may not use model '{model}'; it may use "
                             f"{', '.join(sorted(allowed))}", code="model_not_allowed",
@@ -326,11 +326,11 @@ class ModelRegistry:
 
     @asynccontextmanager
     async def use(self, model: str, task: Task, keep_alive_s: float | None = None, *,
-                  scope: str = "") -> AsyncIterator[Engine]:
+                  tenant: Tenant = OPEN) -> AsyncIterator[Engine]:
         """The engine of `model`, loaded if need be; the model stays loaded while the block
-        runs (hand the engine its work inside it). `scope`: the caller's key's, checked
-        against the models it may use."""
-        self.check_access(scope, model)
+        runs (hand the engine its work inside it). `tenant`: the caller, checked against the
+        models it may use."""
+        self.check_access(tenant, model)
         entry = await self.entry(model, task)
         await self.ensure_loaded(entry)
         # counted from here, not while waiting for the load: an unload in progress waits for

@@ -4,7 +4,8 @@ Keys are compared in constant time and never logged. With no keys configured, th
 open (a local tool's default). Each key has its own cache scope (`key_scope`, a hash of the
 key): prompt-cache and embedding-cache entries and stored responses made under one key are
 invisible to the others, so no key can read or time what another sent, unless keys are
-configured to share a scope (`scope=NAME`). With no keys there is one scope.
+configured to share a scope (`scope=NAME`). With no keys there is one scope. Keys in the
+database (`server.tenants.keys`) follow the same rules.
 
 A browser on a foreign page can send a POST without a CORS
 preflight (a form or `text/plain` body), so CORS alone does not protect the API: API requests
@@ -22,12 +23,13 @@ import ipaddress
 import re
 import uuid
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
+from server.core.tenant import OPEN, OPEN_SCOPE, Tenant
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-OPEN_SCOPE = ""  # the one cache scope of a server with no keys
+__all__ = ["OPEN_SCOPE", "APIKeys", "bearer_token", "key_scope", "shared_scope"]
 
 
 def key_scope(key: str) -> str:
@@ -41,73 +43,82 @@ def shared_scope(name: str) -> str:
 
 
 class APIKeys:
-    """The configured keys; `scope` compares in constant time against every one.
+    """The configured keys (file, environment, flags), each a tenant with no limits;
+    `tenant` compares in constant time against every one.
 
-    An entry is a key, then optionally `scope=NAME`, `name=NAME` and `models=ID,ID`. Keys
-    given the same scope NAME share one scope (a team's common system prompt stays cached for
-    all of them, and they see each other's stored responses); every other key has its own.
-    `name=` is what /metrics calls the key (default key-N, its place in the list). `models=`
-    limits the key to those models (others get 403); without it a key may use any."""
+    An entry is a key, then optionally `scope=NAME`, `name=NAME`, `models=ID,ID` and
+    `weight=W`. Keys given the same scope NAME share one scope (a team's common system prompt
+    stays cached for all of them, and they see each other's stored responses); every other key
+    has its own. `name=` is what /metrics and usage call the key (default: the scope NAME,
+    else key-N, its place in the list). `models=` limits the key to those models (others get
+    403); without it a key may use any. `weight=` is its share of the fair queues (default
+    1)."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        self._keys: list[tuple[bytes, str]] = []
-        # what metrics call each scope: a shared scope's NAME, else the key's name=, else
-        # key-N (its place in the configuration); never the key or its hash
-        self.names: dict[str, str] = {OPEN_SCOPE: "open"}
-        self.allowed: dict[str, frozenset[str]] = {}  # scope -> its models (absent: all)
+        self._keys: list[tuple[bytes, Tenant]] = []
         for entry in keys:
             if not entry.strip():
                 continue
             key, *options = entry.split()
-            scope, label = key_scope(key), f"key-{len(self._keys) + 1}"
-            models: frozenset[str] | None = None
+            fields: dict[str, Any] = {"name": f"key-{len(self._keys) + 1}",
+                                      "scope": key_scope(key)}
+            named = False
             for option in options:
                 name, _, value = option.partition("=")
                 if name == "scope" and value:
-                    scope = shared_scope(value)
-                    label = value
+                    fields["scope"] = shared_scope(value)
+                    fields["name"] = fields["name"] if named else value
                 elif name == "name" and value:
-                    label = value
+                    fields["name"], named = value, True
                 elif name == "models" and value:
-                    models = frozenset(m for m in value.split(",") if m)
+                    fields["models"] = frozenset(m for m in value.split(",") if m)
+                elif name == "weight" and _positive(value):
+                    fields["weight"] = float(value)
                 else:
                     raise ValueError(f"unknown key option {option!r}: use scope=NAME, "
-                                     "name=NAME or models=ID,ID")
-            if models is not None:
-                if self.allowed.get(scope, models) != models:
-                    raise ValueError(f"keys sharing scope {label!r} name different models=")
-                self.allowed[scope] = models
-            self._keys.append((key.encode(), scope))
-            self.names.setdefault(scope, label)
+                                     "name=NAME, models=ID,ID or weight=W")
+            self._keys.append((key.encode(), Tenant(**fields)))
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def scope(self, candidate: str | None) -> str | None:
-        """The cache scope of a valid key (`OPEN_SCOPE` when no keys are configured), else
-        None."""
+    @property
+    def tenants(self) -> list[Tenant]:
+        return [tenant for _, tenant in self._keys]
+
+    def tenant(self, candidate: str | None) -> Tenant | None:
+        """The tenant of a valid key (`OPEN` when no keys are configured), else None."""
         if not self._keys:
-            return OPEN_SCOPE
+            return OPEN
         given = (candidate or "").encode()
-        found: str | None = None
-        for key, scope in self._keys:  # no early exit: timing does not reveal which matched
+        found: Tenant | None = None
+        for key, tenant in self._keys:  # no early exit: timing does not reveal which matched
             if hmac.compare_digest(given, key):
-                found = scope
+                found = tenant
         return found
 
     def check(self, candidate: str | None) -> bool:
-        return self.scope(candidate) is not None
-
-    def header_scope(self, authorization: str | None) -> str | None:
-        """`scope` of the key in an `Authorization: Bearer` header."""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" and self._keys:
-            return None
-        return self.scope(token.strip())
+        return self.tenant(candidate) is not None
 
     def check_header(self, authorization: str | None) -> bool:
-        return self.header_scope(authorization) is not None
+        """Whether an `Authorization: Bearer` header carries a valid key."""
+        token = bearer_token(authorization)
+        return self.tenant(token) is not None if token is not None or not self._keys \
+            else False
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer KEY` header; None without one."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _positive(value: str) -> bool:
+    try:
+        return float(value) > 0
+    except ValueError:
+        return False
 
 
 def read_key_file(path: str) -> list[str]:

@@ -1,6 +1,6 @@
 """What every API surface shares, held on the app: settings, the model registry, metrics,
-the embedding cache and the server's lifecycle. Each surface keeps its own services beside it
-(`server.openai.services`)."""
+the embedding cache, the database and the tenants in it, and the server's lifecycle. Each
+surface keeps its own services beside it (`server.openai.services`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import anyio
 from quart import current_app
 
 from inference.embed.cache import EmbeddingCache
+from server.core.database import Database
 from server.core.metrics import Metrics
 from server.core.registry import ModelRegistry
 from server.settings import Settings
+from server.tenants.service import Tenants
 
 
 @dataclass
@@ -22,6 +24,8 @@ class AppState:
     registry: ModelRegistry
     metrics: Metrics
     embedding_cache: EmbeddingCache
+    database: Database  # stored responses, keys and usage (open while the app serves)
+    tenants: Tenants
     started: float = field(default_factory=time.monotonic)
     draining: bool = False  # shutting down: no new work
     sockets: set[anyio.CancelScope] = field(default_factory=set)  # open /v1/ws connections

@@ -28,7 +28,7 @@ async def create() -> Response:
     req.check_supported()
     chat = services().chat
     chat_req = chat.parse(req.chat_body())
-    stream = await chat.start(chat_req, "messages", g.cache_scope)
+    stream = await chat.start(chat_req, "messages", g.tenant)
     writer = MessageWriter(model=req.model, prompt_tokens=stream.prompt_tokens)
     events = writer.translate(chat.events(
         chat_req, stream, include_usage=True, stop_sequences=True,
@@ -49,7 +49,7 @@ async def count_tokens() -> Response:
     req.check_supported()
     chat = services().chat
     return json_response({"input_tokens": await chat.count_prompt(
-        chat.parse(req.chat_body(stream=False)), g.cache_scope)})
+        chat.parse(req.chat_body(stream=False)), g.tenant)})
 
 
 # every error on these paths, the edge's included, in Anthropic's shape and status

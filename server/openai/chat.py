@@ -23,9 +23,11 @@ from server.core.errors import bad_request, too_large
 from server.core.metrics import MeteredStream, Metrics
 from server.core.registry import ModelRegistry
 from server.core.streaming import Event, events
+from server.core.tenant import Tenant
 from server.openai import tools
 from server.openai.chunks import ChatChunks, collect
 from server.openai.wire import ChatCompletionRequest, GenerationRequest, parse_model
+from server.tenants.limits import Gate
 
 
 def sampling_params(req: GenerationRequest, defaults: SamplingDefaults, max_tokens_limit: int
@@ -58,10 +60,11 @@ class _Plan:
 class ChatService:
     """Serves `/v1/chat/completions` from the registry's engines."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, *, max_messages: int,
-                 max_tokens_limit: int) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, gate: Gate | None = None,
+                 *, max_messages: int, max_tokens_limit: int) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._gate = gate or Gate()  # tenants' limits (none without one)
         self._max_messages = max_messages
         self._max_tokens_limit = max_tokens_limit
 
@@ -82,32 +85,35 @@ class ChatService:
                                 code="too_many_content_parts")
         return parse_model(ChatCompletionRequest, body)
 
-    async def start(self, req: ChatCompletionRequest, endpoint: str, scope: str
+    async def start(self, req: ChatCompletionRequest, endpoint: str, tenant: Tenant
                     ) -> MeteredStream:
-        """Queue a parsed request, reusing only the prompt-cache entries of `scope` (the
-        caller's key's). Every error is raised here, before any response."""
+        """Queue a parsed request of `tenant` (within its limits; reusing only its scope's
+        prompt-cache entries). Every error is raised here, before any response."""
         req.check_supported()
-        async with self._registry.use(req.model, "chat", req.keep_alive_seconds(),
-                                      scope=scope) as engine:
+        async with self._gate.admitted(tenant) as lease, \
+                self._registry.use(req.model, "chat", req.keep_alive_seconds(),
+                                   tenant=tenant) as engine:
             assert isinstance(engine, ChatEngine)
-            stream = await self._start(req, engine, scope)
-        return MeteredStream(stream, self._metrics, req.model, endpoint, scope)
+            stream = await self._start(req, engine, tenant)
+        return MeteredStream(stream, self._metrics, req.model, endpoint, tenant.name,
+                             lease.finish)
 
-    async def _start(self, req: ChatCompletionRequest, engine: ChatEngine, scope: str
+    async def _start(self, req: ChatCompletionRequest, engine: ChatEngine, tenant: Tenant
                      ) -> GenerationStream:
         params = dataclasses.replace(
             sampling_params(req, engine.sampling_defaults, self._max_tokens_limit),
             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         plan = self._plan(req, engine)
         return await engine.start(plan.messages, params, n=req.n, grammar=plan.grammar,
-                                  tools=plan.tools, cache_scope=scope)
+                                  tools=plan.tools, cache_scope=tenant.scope,
+                                  weight=tenant.weight)
 
-    async def count_prompt(self, req: ChatCompletionRequest, scope: str) -> int:
+    async def count_prompt(self, req: ChatCompletionRequest, tenant: Tenant) -> int:
         """The tokens of the prompt `req` would be read as: template, tools and the
         preambles that describe them included (what `usage.prompt_tokens` reports)."""
         req.check_supported()
         async with self._registry.use(req.model, "chat", req.keep_alive_seconds(),
-                                      scope=scope) as engine:
+                                      tenant=tenant) as engine:
             assert isinstance(engine, ChatEngine)
             plan = self._plan(req, engine, compile_grammar=False)
             ids = await anyio.to_thread.run_sync(engine.model.encode_prompt, plan.messages,

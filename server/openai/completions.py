@@ -16,9 +16,11 @@ from inference.chat.engine import ChatEngine
 from server.core.metrics import MeteredStream, Metrics
 from server.core.registry import ModelRegistry
 from server.core.streaming import Event, events
+from server.core.tenant import Tenant
 from server.openai.chat import sampling_params
 from server.openai.chunks import CompletionChunks, collect
 from server.openai.wire import CompletionRequest, parse_model
+from server.tenants.limits import Gate
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -26,10 +28,11 @@ DEFAULT_MAX_TOKENS = 16
 class CompletionService:
     """Serves `/v1/completions` from the registry's chat engines."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, *,
-                 max_tokens_limit: int) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, gate: Gate | None = None,
+                 *, max_tokens_limit: int) -> None:
         self._registry = registry
         self._metrics = metrics
+        self._gate = gate or Gate()
         self._max_tokens_limit = max_tokens_limit
 
     def parse(self, body: dict[str, Any]) -> CompletionRequest:
@@ -44,23 +47,28 @@ class CompletionService:
                                                      if isinstance(p, list)])
         return parse_model(CompletionRequest, body)
 
-    async def start(self, req: CompletionRequest, scope: str
+    async def start(self, req: CompletionRequest, tenant: Tenant
                     ) -> tuple[MeteredStream, list[str]]:
-        """Queue a parsed request (prompt cache of `scope` only); returns its stream and, with
-        `echo`, each choice's prompt text. Every error is raised here, before any response."""
+        """Queue a parsed request of `tenant` (within its limits; prompt cache of its scope
+        only); returns its stream and, with `echo`, each choice's prompt text. Every error is
+        raised here, before any response."""
         req.check_supported()
         if req.max_tokens is None:  # OpenAI's default for this endpoint, within the cap
             req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS,
                                                            self._max_tokens_limit)})
         prompts = req.prompts()
-        async with self._registry.use(req.model, "chat", req.keep_alive_seconds(),
-                                      scope=scope) as engine:
+        async with self._gate.admitted(tenant) as lease, \
+                self._registry.use(req.model, "chat", req.keep_alive_seconds(),
+                                   tenant=tenant) as engine:
             assert isinstance(engine, ChatEngine)
             params = sampling_params(req, engine.sampling_defaults, self._max_tokens_limit)
-            stream = await engine.start_completion(prompts, params, n=req.n, cache_scope=scope)
-        echo = [p if isinstance(p, str) else engine.detokenize(p)
-                for p in prompts for _ in range(req.n)] if req.echo else []
-        return MeteredStream(stream, self._metrics, req.model, "completions", scope), echo
+            stream = await engine.start_completion(prompts, params, n=req.n,
+                                                   cache_scope=tenant.scope,
+                                                   weight=tenant.weight)
+            echo = [p if isinstance(p, str) else engine.detokenize(p)
+                    for p in prompts for _ in range(req.n)] if req.echo else []
+        return MeteredStream(stream, self._metrics, req.model, "completions", tenant.name,
+                             lease.finish), echo
 
     def events(self, req: CompletionRequest, stream: MeteredStream, echo: list[str], *,
                include_usage: bool, idle_s: float | None = None

@@ -16,16 +16,22 @@ from inference.embed.batcher import EmbeddingBatcher
 from inference.embed.cache import EmbeddingCache
 from inference.embed.model import Vector
 from server.core.errors import bad_request, too_large
+from server.core.metrics import Metrics
 from server.core.registry import ModelRegistry
+from server.core.tenant import Tenant
 from server.openai.wire import EmbeddingRequest, parse_model
+from server.tenants.limits import Gate
 
 
 class EmbeddingService:
     """Serves `/v1/embeddings` from the registry's batchers, through the embedding cache."""
 
     def __init__(self, registry: ModelRegistry, *, max_inputs: int,
-                 cache: EmbeddingCache | None = None) -> None:
+                 cache: EmbeddingCache | None = None, gate: Gate | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._registry = registry
+        self._gate = gate or Gate()
+        self._metrics = metrics
         self.max_inputs = max_inputs
         self.cache = cache or EmbeddingCache(0)
 
@@ -46,15 +52,18 @@ class EmbeddingService:
                 batcher.check_token_lists(lists)
         return parse_model(EmbeddingRequest, body)
 
-    async def embed(self, req: EmbeddingRequest, scope: str) -> dict[str, Any]:
-        """The vectors of a parsed request; cached ones only from `scope` (the caller's key's)."""
-        async with self._registry.use(req.model, "embedding", req.keep_alive_seconds(),
-                                      scope=scope) as batcher:
+    async def embed(self, req: EmbeddingRequest, tenant: Tenant) -> dict[str, Any]:
+        """The vectors of a parsed request of `tenant` (within its limits); cached ones only
+        from its scope."""
+        async with self._gate.admitted(tenant) as lease, \
+                self._registry.use(req.model, "embedding", req.keep_alive_seconds(),
+                                   tenant=tenant) as batcher:
             assert isinstance(batcher, EmbeddingBatcher)
-            vectors, tokens = await self._vectors(req, batcher, scope)
+            vectors, tokens = await self._vectors(req, batcher, tenant)
+        lease.finish(prompt_tokens=sum(tokens))
         return _response(req, vectors, tokens)
 
-    async def _vectors(self, req: EmbeddingRequest, batcher: EmbeddingBatcher, scope: str
+    async def _vectors(self, req: EmbeddingRequest, batcher: EmbeddingBatcher, tenant: Tenant
                        ) -> tuple[list[Vector | None], list[int]]:
         """Each input's vector and token count: from the cache, else from the batcher."""
         items = req.inputs()
@@ -68,14 +77,17 @@ class EmbeddingService:
                                   param="dimensions")
         vectors: list[Vector | None] = [None] * len(items)
         tokens = [0] * len(items)
-        keys = [self.cache.key(req.model, x, scope) for x in items] if self.cache.enabled \
-            else []
+        keys = [self.cache.key(req.model, x, tenant.scope) for x in items] \
+            if self.cache.enabled else []
         for i, key in enumerate(keys):  # hits skip tokenizing and the batcher
             found = self.cache.get(key)
             if found is not None:
                 vectors[i], tokens[i] = found
         inputs: list[str | Sequence[int]] = list(items)
         misses = [(i, x) for i, x in enumerate(inputs) if vectors[i] is None]
+        if keys and self._metrics is not None:
+            self._metrics.count_embedding_cache(tenant.name, len(keys) - len(misses),
+                                                len(misses))
         if misses:
             # an input repeated within the request is computed once
             slots: dict[str | tuple[int, ...], int] = {}
@@ -85,7 +97,7 @@ class EmbeddingService:
                         == len(todo):
                     todo.append((i, x))
             ids = await batcher.tokenize(todo)
-            computed = await batcher.embed(ids, tenant=scope)
+            computed = await batcher.embed(ids, tenant=tenant.scope, weight=tenant.weight)
             for i, x in misses:
                 slot = slots[x if isinstance(x, str) else tuple(x)]
                 vectors[i], tokens[i] = computed[slot], len(ids[slot])

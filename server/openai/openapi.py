@@ -123,6 +123,32 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json("The model, as /v1/models lists it"),
                               **_errors(400, 401, 403, 404, 503)}}}
                for verb in ("load", "unload")},
+            "/v1/admin/keys": {
+                "post": {"summary": "Create an API key with its limits; the key is in this "
+                                    "answer only (admin key: see docs/tenants.md)",
+                         "requestBody": {"required": True, "content": {"application/json": {
+                             "schema": {"type": "object", "required": ["name"]}}}},
+                         "responses": {"201": _json("The key object, with `key`"),
+                                       **_errors(400, 401, 403, 409)}},
+                "get": {"summary": "Every API key, revoked ones included (never the keys)",
+                        "responses": {"200": _json("A list of key objects"),
+                                      **_errors(401, 403)}}},
+            "/v1/admin/keys/{key_id}": {
+                verb: {"summary": summary, "parameters": [
+                    {"name": "key_id", "in": "path", "required": True,
+                     "description": "the key's id or name", "schema": {"type": "string"}}],
+                       "responses": {"200": _json("The key object"),
+                                     **_errors(401, 403, 404)}}
+                for verb, summary in (("get", "One API key"),
+                                      ("delete", "Revoke an API key: its next request fails"))},
+            "/v1/admin/usage": {"get": {
+                "summary": "Usage by UTC day and key, from the database",
+                "parameters": [{"name": name, "in": "query", "schema": {"type": "string"}}
+                               for name in ("from", "to", "tenant")],
+                "responses": {"200": _json("{data: rows by day and key, totals by key}"),
+                              **_errors(400, 401, 403)}}},
+            "/v1/admin/dashboard": _get("The dashboard's figures: an hour of samples",
+                                        _json("{points, models, ...}"), 401, 403),
             "/health": _get("Status, models, uptime, memory", _json("Health"), 503),
             "/health/live": _get("Liveness probe", _json("Alive")),
             "/health/ready": _get("Readiness probe", _json("Ready"), 503),

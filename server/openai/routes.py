@@ -24,7 +24,7 @@ OPENAPI = openapi_document()
 async def chat_completions() -> Response:
     chat = services().chat
     req = chat.parse(await json_body())
-    stream = await chat.start(req, "sse" if req.stream else "chat", g.cache_scope)
+    stream = await chat.start(req, "sse" if req.stream else "chat", g.tenant)
     if not req.stream:
         return json_response(await chat.complete(req, stream))
     events = chat.events(req, stream, include_usage=req.include_usage(),
@@ -36,7 +36,7 @@ async def chat_completions() -> Response:
 async def completions() -> Response:
     service = services().completions
     req = service.parse(await json_body())
-    stream, echo = await service.start(req, g.cache_scope)
+    stream, echo = await service.start(req, g.tenant)
     if not req.stream:
         return json_response(await service.complete(req, stream, echo))
     events = service.events(req, stream, echo, include_usage=req.include_usage(),
@@ -48,7 +48,7 @@ async def completions() -> Response:
 async def embeddings() -> Response:
     service = services().embeddings
     req = service.parse(await json_body())
-    return json_response(await service.embed(req, g.cache_scope))
+    return json_response(await service.embed(req, g.tenant))
 
 
 def model_object(entry: ModelEntry) -> dict[str, Any]:
@@ -71,7 +71,7 @@ async def openapi() -> Response:
 async def list_models() -> Response:
     registry = app_state().registry
     await registry.refresh()  # models prepared while the server runs
-    allowed = registry.allowed.get(g.cache_scope)  # a key limited to some models sees those
+    allowed = g.tenant.models  # a key limited to some models sees those
     return json_response({"object": "list",
                           "data": [model_object(e) for e in registry.entries.values()
                                    if allowed is None or e.id in allowed]})
@@ -80,5 +80,5 @@ async def list_models() -> Response:
 @bp.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response:
     registry = app_state().registry
-    registry.check_access(g.cache_scope, model_id)
+    registry.check_access(g.tenant, model_id)
     return json_response(model_object(await registry.entry(model_id)))

@@ -24,13 +24,16 @@ class OpenAIServices:
 def install(app: Quart, state: AppState) -> OpenAIServices:
     """Build the services on `app` (its routes and other surfaces find them there)."""
     settings = state.settings
+    gate = state.tenants.gate
     found = app.extensions[KEY] = OpenAIServices(
-        chat=ChatService(state.registry, state.metrics, max_messages=settings.max_messages,
+        chat=ChatService(state.registry, state.metrics, gate,
+                         max_messages=settings.max_messages,
                          max_tokens_limit=settings.max_tokens_limit),
-        completions=CompletionService(state.registry, state.metrics,
+        completions=CompletionService(state.registry, state.metrics, gate,
                                       max_tokens_limit=settings.max_tokens_limit),
         embeddings=EmbeddingService(state.registry, max_inputs=settings.embedding_max_inputs,
-                                    cache=state.embedding_cache))
+                                    cache=state.embedding_cache, gate=gate,
+                                    metrics=state.metrics))
     return found
 
 

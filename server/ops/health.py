@@ -18,7 +18,7 @@ from server.responses.services import responses_service
 bp = Blueprint("health", __name__)
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm", encoding="ascii") as fh:
             return int(fh.read().split()[1]) * resource.getpagesize()
@@ -33,7 +33,7 @@ async def health() -> Response:
     status = state.status()
     body = {"status": status, "uptime_s": round(time.monotonic() - state.started, 3),
             "tasks": len(asyncio.all_tasks()),  # leak check: returns to its idle level
-            "memory": {"rss_bytes": _rss_bytes(),
+            "memory": {"rss_bytes": rss_bytes(),
                        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
             "models": models,
             "embedding_cache": {"enabled": state.embedding_cache.enabled,

@@ -19,7 +19,7 @@ bp = Blueprint("responses", __name__)
 async def create() -> Response:
     service = responses_service()
     req = service.parse(await json_body())
-    writer, events = await service.create(req, g.cache_scope,
+    writer, events = await service.create(req, g.tenant,
                                           idle_s=app_state().settings.sse_ping_interval_s)
     if req.stream:
         return await event_stream(events, typed=True)
@@ -30,7 +30,7 @@ async def create() -> Response:
 async def input_tokens() -> Response:
     service = responses_service()
     req = service.parse(await json_body())
-    return json_response(await service.input_tokens(req, g.cache_scope))
+    return json_response(await service.input_tokens(req, g.tenant))
 
 
 @bp.get("/v1/responses/<id>")
@@ -38,18 +38,18 @@ async def retrieve(id: str) -> Response:
     if request.args.get("stream", "false").lower() == "true":
         raise bad_request("replaying a stored response as a stream is not supported; "
                           "retrieve it whole", param="stream")
-    found = await responses_service().get(id, g.cache_scope)
+    found = await responses_service().get(id, g.tenant.scope)
     return json_response(found.response)
 
 
 @bp.delete("/v1/responses/<id>")
 async def delete(id: str) -> Response:
-    return json_response(await responses_service().delete(id, g.cache_scope))
+    return json_response(await responses_service().delete(id, g.tenant.scope))
 
 
 @bp.get("/v1/responses/<id>/input_items")
 async def list_input_items(id: str) -> Response:
-    found = await responses_service().get(id, g.cache_scope)
+    found = await responses_service().get(id, g.tenant.scope)
     order = request.args.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad_request("order must be 'asc' or 'desc'", param="order")

@@ -16,12 +16,14 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
+from server.core.database import DatabaseUnavailable
 from server.core.errors import bad_request, not_found, unavailable
 from server.core.streaming import Event
+from server.core.tenant import Tenant
 from server.openai.chat import ChatService
 from server.openai.wire import ChatCompletionRequest, parse_model
 from server.responses.events import ResponseWriter
-from server.responses.store import ResponseStore, StoredResponse, StoreUnavailable
+from server.responses.store import ResponseStore, StoredResponse
 from server.responses.wire import ResponsesRequest, chat_messages, input_items
 
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
@@ -54,13 +56,14 @@ class ResponsesService:
         body = req.chat_body(chat_messages(req.instructions, items))
         return items, self._chat.parse(body)
 
-    async def create(self, req: ResponsesRequest, owner: str, *, idle_s: float | None
+    async def create(self, req: ResponsesRequest, tenant: Tenant, *, idle_s: float | None
                      ) -> tuple[ResponseWriter, AsyncGenerator[Event, None]]:
         """Start the response (every error before it starts is raised here) and return its
         events; the last is `response.completed`, `.incomplete` or `.failed`. A stored
         response is in the store before that event goes out."""
+        owner = tenant.scope  # a stored response is its scope's
         items, chat_req = await self._context(req, owner)
-        stream = await self._chat.start(chat_req, "responses", owner)
+        stream = await self._chat.start(chat_req, "responses", tenant)
         writer = ResponseWriter(echo=req.echo())
         chunks = self._chat.events(chat_req, stream, include_usage=True, idle_s=idle_s)
         return writer, self._stored(req, owner, items, writer, writer.translate(chunks))
@@ -76,7 +79,7 @@ class ResponsesService:
                         await self.store.put(StoredResponse(
                             writer.id, owner, time.time(), writer.response, items,
                             req.instructions))
-                    except StoreUnavailable:
+                    except DatabaseUnavailable:
                         # the answer is whole: it is served, marked as not stored
                         log.exception("response %s was not stored", writer.id)
                         writer.echo["store"] = False
@@ -99,7 +102,7 @@ class ResponsesService:
     async def get(self, id: str, owner: str, *, param: str | None = None) -> StoredResponse:
         try:
             found = await self.store.get(id, owner)
-        except StoreUnavailable as exc:
+        except DatabaseUnavailable as exc:
             raise unavailable(str(exc), code="store_unavailable") from exc
         if found is None:
             raise not_found(f"no response with id '{id}' is stored for this key", param=param,
@@ -109,17 +112,17 @@ class ResponsesService:
     async def delete(self, id: str, owner: str) -> dict[str, Any]:
         try:
             deleted = await self.store.delete(id, owner)
-        except StoreUnavailable as exc:
+        except DatabaseUnavailable as exc:
             raise unavailable(str(exc), code="store_unavailable") from exc
         if not deleted:
             raise not_found(f"no response with id '{id}' is stored for this key",
                             code="response_not_found")
         return {"id": id, "object": "response.deleted", "deleted": True}
 
-    async def input_tokens(self, req: ResponsesRequest, owner: str) -> dict[str, Any]:
-        _, chat_req = await self._context(req, owner)
+    async def input_tokens(self, req: ResponsesRequest, tenant: Tenant) -> dict[str, Any]:
+        _, chat_req = await self._context(req, tenant.scope)
         return {"object": "response.input_tokens",
-                "input_tokens": await self._chat.count_prompt(chat_req, owner)}
+                "input_tokens": await self._chat.count_prompt(chat_req, tenant)}
 
 
 def page(items: list[dict[str, Any]], *, limit: int, order: str, after: str | None

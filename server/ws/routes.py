@@ -11,9 +11,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from quart import Blueprint, g, websocket
 
 from server.core.errors import unauthorized
-from server.core.security import APIKeys
 from server.core.state import app_state
+from server.core.tenant import Tenant
 from server.openai.services import services
+from server.tenants.service import Tenants
 from server.ws.session import AuthenticationFailed, SocketLimits, SocketSession, auth_message_key
 
 bp = Blueprint("ws", __name__)
@@ -25,9 +26,12 @@ async def chat_socket() -> None:
     state = app_state()
     settings = state.settings
     await websocket.accept()
-    scope = g.ws_scope if g.ws_scope is not None else await _authenticate(g.api_keys)
-    if scope is None:
-        return
+    tenants = state.tenants
+    tenant, key = g.ws_tenant, g.ws_key
+    if tenant is None:
+        tenant, key = await _authenticate(tenants)
+        if tenant is None:
+            return
     # Bounded: a slow reader stalls its own conversations (they stop pulling tokens), never
     # another connection.
     send, outbox = anyio.create_memory_object_stream[dict[str, Any]](
@@ -36,7 +40,7 @@ async def chat_socket() -> None:
     session = SocketSession(openai.chat, openai.embeddings, send,
                             SocketLimits(max_message_bytes=settings.ws_max_message_bytes,
                                          max_conversations=settings.ws_max_conversations),
-                            keys=g.api_keys, scope=scope)
+                            tenants=tenants, tenant=tenant, key=key)
     refused = False
     with anyio.CancelScope() as connection:  # shutdown cancels it, after final events
         state.sockets.add(connection)
@@ -58,17 +62,18 @@ async def chat_socket() -> None:
     await websocket.close(1001, "the server is shutting down")
 
 
-async def _authenticate(keys: APIKeys) -> str | None:
+async def _authenticate(tenants: Tenants) -> tuple[Tenant | None, str | None]:
     """Browsers cannot set headers on a WebSocket: their first message carries the key.
-    Returns its cache scope, or None (refused)."""
+    Returns its tenant and the key, or None (refused)."""
     with anyio.move_on_after(AUTH_TIMEOUT_S):
         raw = await websocket.receive()
-        scope = keys.scope(auth_message_key(raw))
-        if scope is not None:
+        key = auth_message_key(raw)
+        tenant = await tenants.resolve(key)
+        if tenant is not None:
             await websocket.send(orjson.dumps({"type": "auth.ok"}).decode())
-            return scope
+            return tenant, key
     await _refuse()
-    return None
+    return None, None
 
 
 async def _refuse() -> None:

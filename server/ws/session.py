@@ -43,10 +43,11 @@ from server.core.errors import (
     unauthorized,
 )
 from server.core.metrics import MeteredStream
-from server.core.security import OPEN_SCOPE, APIKeys
+from server.core.tenant import OPEN, Tenant
 from server.openai.chat import ChatService
 from server.openai.chunks import is_usage_chunk, usage
 from server.openai.embeddings import EmbeddingService
+from server.tenants.service import Tenants
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,14 @@ class SocketSession:
 
     def __init__(self, chat: ChatService, embeddings: EmbeddingService,
                  outbox: MemoryObjectSendStream[dict[str, Any]], limits: SocketLimits,
-                 keys: APIKeys | None = None, scope: str = OPEN_SCOPE) -> None:
-        """`scope`: the cache scope of the key the socket authenticated with."""
+                 tenants: Tenants | None = None, tenant: Tenant = OPEN,
+                 key: str | None = None) -> None:
+        """`tenant`: whose key (`key`) the socket authenticated with. A database key is
+        checked again at every conversation, so a revoked one fails at its next."""
         self._chat = chat
-        self._keys = keys or APIKeys([])
-        self._scope = scope
+        self._tenants = tenants
+        self._tenant = tenant
+        self._key = key
         self._embeddings = embeddings
         self._outbox = outbox
         self._send = outbox.send
@@ -120,10 +124,11 @@ class SocketSession:
             return
         if kind == "auth":  # already authenticated (by header or first message): check again
             key = msg.get("api_key")
-            granted = self._keys.scope(key if isinstance(key, str) else None)
+            key = key if isinstance(key, str) else None
+            granted = OPEN if self._tenants is None else await self._tenants.resolve(key)
             if granted is None:
                 raise AuthenticationFailed(unauthorized(provided=True))
-            self._scope = granted  # later conversations run under the new key
+            self._tenant, self._key = granted, key  # later conversations run under it
             await self._send({"type": "auth.ok"})
             return
         if kind not in ("chat.create", "chat.cancel", "embeddings.create"):
@@ -150,6 +155,15 @@ class SocketSession:
                 f"at most {self._limits.max_conversations} conversations per socket",
                 retry_after_s=1.0, code="too_many_conversations"))
             return
+        if self._tenants is not None:
+            if self._tenant.key_id is not None \
+                    and await self._tenants.resolve(self._key) is None:  # revoked
+                raise AuthenticationFailed(unauthorized(provided=True))
+            try:
+                self._tenants.gate.check_request(self._tenant)
+            except APIError as exc:
+                await self._error(cid, exc)
+                return
         request = msg.get("request")
         if not isinstance(request, dict):
             await self._error(cid, bad_request("request must be a JSON object",
@@ -182,7 +196,7 @@ class SocketSession:
         finish: list[str] = []
         done: dict[str, Any] | None = None
         try:
-            stream = await self._chat.start(req, "ws", self._scope)
+            stream = await self._chat.start(req, "ws", self._tenant)
             async with aclosing(self._chat.events(req, stream, include_usage=False)) as events:
                 async for event in events:
                     if isinstance(event, APIError):
@@ -213,7 +227,7 @@ class SocketSession:
 
     async def _run_embeddings(self, cid: str, body: dict[str, Any]) -> None:
         req = self._embeddings.parse(body)
-        response = await self._embeddings.embed(req, self._scope)
+        response = await self._embeddings.embed(req, self._tenant)
         await self._send({"type": "embeddings.result", "id": cid, "response": response})
 
     async def _send_if_open(self, message: dict[str, Any]) -> None:
