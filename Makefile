@@ -11,11 +11,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup prepare serve test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The build toolchain is pinned (constraints/prepare.txt): what a model build contains
+# depends on those versions.
+$(VENV)/.installed: pyproject.toml constraints/prepare.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[prepare,dev]'
+	$(BIN)/python -m pip install -q -c constraints/prepare.txt -e '.[prepare,dev]'
 	touch $@
 
 setup: $(VENV)/.installed

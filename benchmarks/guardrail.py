@@ -6,10 +6,12 @@ Fails (exit 1) when any of these differs from `benchmarks/guardrail_baseline.jso
   - the embedding vectors of that corpus (all-MiniLM-L6-v2, each text alone): every value
     within 1e-3 of the baseline's; the digest printed is of the vectors rounded to 4 places,
     for the record (CPUs with other SIMD units may move the last places);
-and when the default chat model's (SmolLM2's) greedy answer to a fixed prompt, served by the
-engine, differs from the plain loop's answer on the same build. The answer itself is printed,
-not held to a baseline: a build of the same pinned sources made with another toolchain may
-answer otherwise, and that is the models' quality gate's business, not a serving regression.
+and when the default chat model's (SmolLM2's) build moved or serves what it did not build:
+  - the quality gate's counts in its manifest (answers identical to fp32, right answers,
+    loops: inference/prepare/quality.py) differ from the baseline's, so a fresh build of the
+    pinned sources with the pinned toolchain answers otherwise than the one measured;
+  - the engine's greedy answer to any of the gate's prompts differs from the plain loop's
+    answer recorded in the manifest at build time (a serving regression).
 It also prints throughput ratios against raw onnxruntime measured in the same run (the
 batcher against raw batches; batched decode against the plain loop) and never fails on them:
 these machines are noisy. After an intended change, `--update` writes a new baseline; commit
@@ -39,7 +41,8 @@ from inference.embed.batcher import EmbeddingBatcher  # noqa: E402
 from inference.embed.model import EmbeddingModel  # noqa: E402
 from inference.limits import ChatLimits  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
-from inference.prepare.recipes import RECIPES, build_model  # noqa: E402
+from inference.prepare.quality import MAX_NEW_TOKENS, PROMPTS  # noqa: E402
+from inference.prepare.recipes import MANIFEST, RECIPES, build_model  # noqa: E402
 
 BASELINE = REPO / "benchmarks/guardrail_baseline.json"
 EMBEDDING, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
@@ -54,13 +57,16 @@ CORPUS = [
     "emoji 🚀 and symbols ∑ ≠ ∞",
 ]
 PROMPT = [{"role": "user", "content": "Name three primary colours."}]
+GATE_COUNTS = ("prompts", "identical", "correct", "correct_fp32", "loops", "loops_fp32")
 TOLERANCE = 1e-3
 
 
 def measure(models_dir: Path) -> tuple[dict[str, Any], dict[str, float], np.ndarray]:
     say = lambda msg: None  # noqa: E731 - models come from the cache
     emb = EmbeddingModel.load(build_model(RECIPES[EMBEDDING], models_dir, say), device="cpu")
-    chat = ChatModel.load(build_model(RECIPES[CHAT], models_dir, say))
+    chat_dir = build_model(RECIPES[CHAT], models_dir, say)
+    chat = ChatModel.load(chat_dir)
+    quality = json.loads((chat_dir / MANIFEST).read_text(encoding="utf-8")).get("quality")
     ids = emb.tokenize(CORPUS)
     vectors = np.stack([emb.embed_batch([x])[0] for x in ids])
     rounded = np.round(vectors.astype(np.float64), 4)
@@ -72,21 +78,29 @@ def measure(models_dir: Path) -> tuple[dict[str, Any], dict[str, float], np.ndar
     }
     ratios = {"embedding": anyio.run(_embedding_ratio, emb),
               "chat": anyio.run(_chat_ratio, chat)}
-    served = anyio.run(_greedy, chat)
-    ids, _ = chat.greedy(chat.encode_prompt(PROMPT), 40)
-    checked["greedy_answer"] = {"served": served,
-                                "plain_loop": chat.tokenizer.decode(ids, skip_special_tokens=True)}
+    if quality is None:
+        raise SystemExit(f"{chat_dir} has no quality gate results: rebuild it (npugate "
+                         "prepare after deleting the folder)")
+    checked["quality"] = {k: quality[k] for k in GATE_COUNTS}
+    served = anyio.run(_greedy_answers, chat)
+    checked["greedy_answers"] = [{"prompt": p.text, "served": text, "plain_loop": row["answer"]}
+                                 for p, text, row in zip(PROMPTS, served, quality["answers"],
+                                                         strict=True)]
     return checked, ratios, vectors
 
 
-async def _greedy(model: ChatModel) -> str:
+async def _greedy_answers(model: ChatModel) -> list[str]:
+    """The engine's greedy answers to the quality gate's prompts, one request at a time."""
     engine = ChatEngine(model, ChatLimits(max_running=4))
+    answers = []
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)
-        stream = await engine.start(PROMPT, SamplingParams(temperature=0, max_tokens=40))
-        text = "".join([d.text async for d in stream])
+        for prompt in PROMPTS:
+            stream = await engine.start(prompt.messages(), SamplingParams(
+                temperature=0, max_tokens=MAX_NEW_TOKENS))
+            answers.append("".join([d.text async for d in stream]))
         tg.cancel_scope.cancel()
-    return text
+    return answers
 
 
 async def _embedding_ratio(model: EmbeddingModel) -> float:
@@ -152,10 +166,14 @@ def compare(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
     for key in ("embedding_token_counts", "chat_token_counts"):
         if got[key] != want.get(key):
             problems.append(f"{key} changed: {want.get(key)!r} -> {got[key]!r}")
-    answer = got["greedy_answer"]
-    if answer["served"] != answer["plain_loop"]:
-        problems.append(f"the engine's greedy answer {answer['served']!r} is not the plain "
-                        f"loop's {answer['plain_loop']!r}")
+    for answer in got["greedy_answers"]:
+        if answer["served"] != answer["plain_loop"]:
+            problems.append(f"the engine's greedy answer to {answer['prompt']!r}, "
+                            f"{answer['served']!r}, is not the plain loop's "
+                            f"{answer['plain_loop']!r}")
+    if got["quality"] != want.get("quality"):
+        problems.append(f"the default chat build's quality gate moved: {want.get('quality')} "
+                        f"-> {got['quality']}")
     base = np.asarray(want.get("vectors", []), dtype=np.float64)
     vec = np.asarray(got["vectors"], dtype=np.float64)
     if base.shape != vec.shape:
@@ -178,13 +196,13 @@ def main() -> int:
     got, ratios, _ = measure(args.models_dir)
     print(f"guardrail: vector digest {got['vector_digest'][:16]}, token counts "
           f"{got['embedding_token_counts']} / {got['chat_token_counts']}")
-    answer = got["greedy_answer"]
-    same = "the same" if answer["served"] == answer["plain_loop"] else "DIFFERENT"
-    print(f"guardrail: greedy answer {answer['served']!r} (the plain loop's: {same})")
+    same = sum(a["served"] == a["plain_loop"] for a in got["greedy_answers"])
+    print(f"guardrail: {same}/{len(got['greedy_answers'])} served greedy answers are the plain "
+          f"loop's; quality gate {got['quality']}")
     print(f"guardrail: batcher / raw onnxruntime {ratios['embedding']:.2f}x texts/s; batched "
           f"decode (4 streams) / plain loop {ratios['chat']:.2f}x tok/s (informational)")
     if args.update:
-        kept = {k: v for k, v in got.items() if k != "greedy_answer"}
+        kept = {k: v for k, v in got.items() if k != "greedy_answers"}
         BASELINE.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n")
         print(f"guardrail: wrote {BASELINE.relative_to(REPO)}")
         return 0

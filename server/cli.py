@@ -1,5 +1,6 @@
-"""The `npugate` command: `serve` runs the server, `prepare` builds the default models; `chat`,
-`keys` and `usage` are clients of a running server.
+"""The `npugate` command: `serve` runs the server, `prepare` builds the default models, `pull`
+builds one from the Hugging Face hub, `models` lists them; `chat`, `keys` and `usage` are
+clients of a running server.
 
 Every flag has an environment variable; a flag given on the command line wins.
 """
@@ -190,6 +191,24 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("models", nargs="*", metavar="MODEL",
                       help="models to build (default: the models `serve` uses; "
                       "'all' for every recipe)")
+    pull = sub.add_parser("pull", help="download a chat model from the Hugging Face hub and "
+                          "build it (HF_TOKEN, HF_ENDPOINT honoured)", allow_abbrev=False)
+    pull.add_argument("spec", metavar="REPO[:FILE]",
+                      help="OWNER/NAME[@REVISION], then :FILE.gguf for one GGUF file of "
+                      "several, or :FOLDER for one ONNX folder of several")
+    pull.add_argument("--precision", choices=("int8", "int4", "fp32"), default="int8",
+                      help="the weights of a built model (default int8; ONNX folders are "
+                      "taken as published)")
+    pull.add_argument("--name", help="the model's id (default: from the repository)")
+    pull.add_argument("--yes", action="store_true", help="no question before a large download")
+    pull.add_argument("--models-dir", type=Path, default=defaults.models_dir,
+                      help="where to put the model (NPUGATE_MODELS_DIR)")
+
+    models = sub.add_parser("models", help="the models built in the models directory, with "
+                            "their source and checks", allow_abbrev=False)
+    models.add_argument("--models-dir", type=Path, default=defaults.models_dir,
+                        help="the models directory (NPUGATE_MODELS_DIR)")
+    models.add_argument("--json", action="store_true", help="print the manifests")
     return parser
 
 
@@ -216,7 +235,64 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "prepare":
         return _prepare(args.models_dir, args.models)
+    if args.command == "pull":
+        return _pull(args)
+    if args.command == "models":
+        return _models(args.models_dir, args.json)
     return _serve(args)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from inference.prepare.pull import pull
+    from inference.prepare.sources import PrepareError
+
+    def ask(question: str) -> bool:
+        if not sys.stdin.isatty():
+            print(f"{question} Pass --yes to download without asking.", file=sys.stderr)
+            return False
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+    try:
+        folder = pull(args.spec, args.models_dir, lambda msg: print(msg, flush=True),
+                      precision=args.precision, name=args.name,
+                      ask=None if args.yes else ask)
+    except PrepareError as exc:
+        print(f"npugate pull: {exc}", file=sys.stderr)
+        return 1
+    print(f"serve it: npugate serve (it loads on demand as model '{folder.name}'), or "
+          f"npugate serve --chat-model {folder}")
+    return 0
+
+
+def _models(models_dir: Path, as_json: bool) -> int:
+    import json
+
+    from inference.prepare.recipes import MANIFEST
+
+    found = []
+    for folder in sorted(models_dir.iterdir()) if models_dir.is_dir() else []:
+        try:
+            found.append(json.loads((folder / MANIFEST).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no models in {models_dir}: npugate prepare, or npugate pull REPO")
+    for m in found:
+        source = m.get("source") or {}
+        origin = (f"{source['repo']}@{str(source.get('revision'))[:12]}" if "repo" in source
+                  else f"{source.get('package')}=={source.get('version')}" if source else "-")
+        fidelity = m.get("fidelity") or {}
+        gate = m.get("quality") or {}
+        checks = [f"top-1 vs fp32 {fidelity['top1']:.3f}" if "top1" in fidelity else "",
+                  (f"quality: {gate['identical']}/{gate['prompts']} identical to fp32, "
+                   f"{gate['correct']} right, {gate['loops']} loops") if gate else ""]
+        print(f"{m.get('id')}  ({m.get('task')})  {m.get('description', '')}\n"
+              f"    source: {origin}  licence: {m.get('license') or '-'}"
+              + "".join(f"\n    {c}" for c in checks if c))
+    return 0
 
 
 def _prepare(models_dir: Path, names: list[str]) -> int:

@@ -197,7 +197,10 @@ async def _text_into(out: dict[int, str], i: int, engine: ChatEngine, params: Sa
 
 
 async def _read_then_leave(engine: ChatEngine, messages: list[dict[str, str]]) -> None:
-    async with await engine.start(messages, SamplingParams(max_tokens=500)) as stream:
+    # sampled, so end-of-text is banned: an answer that ends within 5 tokens is not a leaver
+    never_ends = SamplingParams(max_tokens=500, logit_bias=tuple(
+        (eos, -100.0) for eos in engine.model.spec.eos_token_ids))
+    async with await engine.start(messages, never_ends) as stream:
         for _ in range(5):
             await stream.receive()
 

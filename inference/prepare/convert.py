@@ -214,6 +214,61 @@ def check_chat(hf_dir: Path, onnx_dir: Path, out_json: Path, min_top1: float) ->
                          f"{result['top1']:.3f} < {min_top1}")
 
 
+def fp32_answers(hf_dir: Path, onnx_dir: Path) -> list[dict[str, Any]]:
+    """The fp32 transformers model's greedy answers to the quality prompts (rendered by the
+    build's own template, so both read the same ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inference.chat.model import ChatModel
+    from inference.prepare.quality import MAX_NEW_TOKENS, PROMPTS
+
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()  # type: ignore[no-untyped-call]
+    build = ChatModel.load(onnx_dir)
+    eos = sorted(build.spec.eos_token_ids)
+    answers = []
+    for prompt in PROMPTS:
+        ids = build.encode_prompt(prompt.messages())
+        with torch.no_grad():
+            full = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                                      do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
+                                      eos_token_id=eos, pad_token_id=eos[0])[0]
+        new = [int(t) for t in full[len(ids):]]
+        ended = bool(new) and new[-1] in build.spec.eos_token_ids
+        new = new[:-1] if ended else new
+        answers.append({"ids": new, "ended": ended,
+                        "text": build.tokenizer.decode(new, skip_special_tokens=True)})
+    return answers
+
+
+def build_answers(onnx_dir: Path) -> list[dict[str, Any]]:
+    """A build's greedy answers to the quality prompts, through npugate's plain loop."""
+    from inference.chat.model import ChatModel
+    from inference.prepare.quality import MAX_NEW_TOKENS, PROMPTS
+
+    build = ChatModel.load(onnx_dir)
+    answers = []
+    for prompt in PROMPTS:
+        ids, ended = build.greedy(build.encode_prompt(prompt.messages()), MAX_NEW_TOKENS)
+        answers.append({"ids": ids, "ended": ended,
+                        "text": build.tokenizer.decode(ids, skip_special_tokens=True)})
+    return answers
+
+
+def quality_gate(hf_dir: Path, onnx_dir: Path, out_json: Path, enforce: bool) -> None:
+    """Score a build on the quality prompts against its fp32 source (inference.prepare.quality),
+    write the result to `out_json`, and with `enforce` fail when the gate does."""
+    from inference.prepare.quality import score
+
+    result = score(build_answers(onnx_dir), fp32_answers(hf_dir, onnx_dir))
+    out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"quality gate: {result['identical']}/{result['prompts']} answers identical to fp32; "
+          f"{result['correct']} right (fp32: {result['correct_fp32']}); {result['loops']} loops "
+          f"(fp32: {result['loops_fp32']})")
+    if enforce and not result["passed"]:
+        raise SystemExit(f"the build is worse than its fp32 source: {result['reason']}")
+
+
 def main(argv: list[str]) -> None:
     step, *args = argv
     if step == "gguf-to-hf":
@@ -226,6 +281,8 @@ def main(argv: list[str]) -> None:
         check_chat(Path(args[0]), Path(args[1]), Path(args[2]), float(args[3]))
     elif step == "bert-random":
         bert_random(Path(args[0]), Path(args[1]))
+    elif step == "quality-gate":
+        quality_gate(Path(args[0]), Path(args[1]), Path(args[2]), args[3:] != ["--report"])
     else:
         raise SystemExit(f"unknown step {step!r}")
 

@@ -122,19 +122,12 @@ async def list_keys() -> Response:
         record.describe() for record in await app_state().tenants.keys.list()]})
 
 
-@bp.get("/v1/admin/keys/<key_id>")
-async def show_key(key_id: str) -> Response:
+@bp.route("/v1/admin/keys/<key_id>", methods=["GET", "DELETE"])
+async def one_key(key_id: str) -> Response:
+    """GET: the key; DELETE: revoke it (its next request fails)."""
     check_admin()
-    record = await app_state().tenants.keys.get(key_id)
-    if record is None:
-        raise not_found(f"no key {key_id!r}", code="key_not_found")
-    return json_response(record.describe())
-
-
-@bp.delete("/v1/admin/keys/<key_id>")
-async def revoke_key(key_id: str) -> Response:
-    check_admin()
-    record = await app_state().tenants.keys.revoke(key_id)
+    keys = app_state().tenants.keys
+    record = await (keys.revoke(key_id) if request.method == "DELETE" else keys.get(key_id))
     if record is None:
         raise not_found(f"no key {key_id!r}", code="key_not_found")
     return json_response(record.describe())
