@@ -189,3 +189,28 @@ async def test_a_flood_does_not_hold_back_another_tenants_input(fake: FakeModel)
     which = [i for i, batch in enumerate(fake.batches) if [3] * 4 in batch]
     assert which == [1], [len(b) for b in fake.batches]
     assert sum(len(b) for b in fake.batches) == 42
+
+
+@pytest.mark.anyio
+async def test_a_heavier_tenant_gets_more_of_each_batch(fake: FakeModel) -> None:
+    """Tenants A (weight 1) and B (weight 2) each queue 16 inputs while the device is busy:
+    B's inputs advance its place by half a step, so B gets most of the first batches (with
+    equal weights A, queued first, would)."""
+    batcher = EmbeddingBatcher(fake, EmbeddingLimits(max_batch_size=6, max_batch_tokens=1000),  # type: ignore[arg-type]
+                               run_cost_tokens=0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(batcher.run)
+        fake.gate.clear()
+        tg.start_soon(batcher.embed, [[1]], "a")
+        await anyio.to_thread.run_sync(fake.started.wait)
+        tg.start_soon(batcher.embed, [[2] * 4 for _ in range(16)], "a", 1.0)
+        await anyio.sleep(0.01)
+        tg.start_soon(batcher.embed, [[3] * 4 for _ in range(16)], "b", 2.0)
+        await anyio.sleep(0.01)
+        fake.gate.set()
+        await anyio.sleep(0.3)
+        tg.cancel_scope.cancel()
+    first_two = [x for batch in fake.batches[1:3] for x in batch]
+    assert sum(x == [3] * 4 for x in first_two) >= 7, [len(b) for b in fake.batches]
+    last = {t: max(i for i, b in enumerate(fake.batches) if [t] * 4 in b) for t in (2, 3)}
+    assert last[3] < last[2]  # B, twice the weight, is done first

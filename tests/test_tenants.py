@@ -19,10 +19,12 @@ import httpx
 import openai
 import pytest
 
+from inference.chat.model import ChatModel
 from server.core.database import SQLITE_FILE
 from server.core.tenant import Limits, Tenant
+from server.settings import Settings
 from server.tenants.limits import Bucket, Gate, duration
-from tests.conftest import REPO, LiveServer
+from tests.conftest import REPO, LiveServer, serving
 
 ADMIN = "admin-test-key-0123"
 PHI3 = "phi3-tiny-random"
@@ -341,3 +343,28 @@ def test_open_streams_and_revocation_over_the_websocket(
         refused = str(ws.recv(timeout=30))
         assert "invalid_api_key" in refused
 
+
+
+@pytest.mark.anyio
+async def test_a_database_key_while_the_database_is_away_gets_503(phi3: ChatModel,
+                                                                   tmp_path: Path) -> None:
+    """A database key cannot be checked without the database: 503, never a guess. Keys from
+    the key file still work. (Its own data directory: a key in the shared one would close
+    every later test's server.)"""
+    settings = Settings(api_keys=("sk-file name=file",), data_dir=tmp_path)
+    async with serving(settings, chat=[phi3]) as app:
+        _, key = await app.extensions["npugate"].tenants.keys.create("db-key")
+        http = app.test_client()
+        body = {"model": PHI3, "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}]}
+        ok = await http.post("/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+        await app.extensions["npugate"].database.close()
+        away = await http.post("/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {key}"})
+        assert away.status_code == 503 and "Retry-After" in away.headers
+        assert (await away.get_json())["error"]["code"] == "database_unavailable"
+        file_key = await http.post("/v1/chat/completions", json=body,
+                                   headers={"Authorization": "Bearer sk-file"})
+        assert file_key.status_code == 200

@@ -258,8 +258,9 @@ def _place(src: Path, dest: Path) -> None:
 
 
 def _size(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n} bytes"
+    """Bytes as a person reads them: 812 bytes, 13.4 MB, 1.2 GB."""
+    if n < 1000:
+        return f"{n} bytes"
+    scaled, unit = next((n / 1000 ** p, u) for p, u in ((3, "GB"), (2, "MB"), (1, "KB"))
+                        if n >= 1000 ** p)
+    return f"{scaled:.1f} {unit}"
