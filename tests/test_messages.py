@@ -169,15 +169,17 @@ def keyed(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_keys_in_x_api_key(keyed: LiveServer) -> None:
     """Anthropic's clients send `x-api-key`; a wrong one is Anthropic's 401."""
-    answer = client(keyed, "sk-ant-test").messages.create(model=SMOL, max_tokens=4,
-                                                          messages=ask("hi"))  # type: ignore[arg-type]
-    assert answer.content
-    with pytest.raises(anthropic.AuthenticationError) as caught:
-        client(keyed, "sk-wrong").messages.create(model=SMOL, max_tokens=4, messages=ask("hi"))  # type: ignore[arg-type]
-    assert caught.value.status_code == 401
-    assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
-    with pytest.raises(anthropic.AuthenticationError):
-        client(keyed, "sk-wrong").messages.count_tokens(model=SMOL, messages=ask("hi"))  # type: ignore[arg-type]
+    # Closed explicitly: a client caught in an error's traceback is freed by the cycle
+    # collector, which may finalise its socket before the client closes it.
+    with client(keyed, "sk-ant-test") as good, client(keyed, "sk-wrong") as wrong:
+        answer = good.messages.create(model=SMOL, max_tokens=4, messages=ask("hi"))  # type: ignore[arg-type]
+        assert answer.content
+        with pytest.raises(anthropic.AuthenticationError) as caught:
+            wrong.messages.create(model=SMOL, max_tokens=4, messages=ask("hi"))  # type: ignore[arg-type]
+        assert caught.value.status_code == 401
+        assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+        with pytest.raises(anthropic.AuthenticationError):
+            wrong.messages.count_tokens(model=SMOL, messages=ask("hi"))  # type: ignore[arg-type]
     bearer = httpx.post(keyed.base_url + "/v1/messages", timeout=30,
                         headers={"Authorization": "Bearer sk-ant-test"},
                         json={"model": SMOL, "max_tokens": 2, "messages": ask("hi")})

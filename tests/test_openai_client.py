@@ -177,12 +177,15 @@ def test_sdk_with_api_keys(phi3_dir: Path, tmp_path: Path) -> None:
     server = LiveServer(chat=[phi3_dir], embedding=[], log=tmp_path / "server.log",
                         extra=["--api-key-file", str(key_file)])
     try:
-        good = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-beta", max_retries=0)
-        resp = good.chat.completions.create(model="phi3-tiny-random", max_tokens=2,
-                                            messages=FRANCE)  # type: ignore[arg-type]
+        # closed explicitly: one caught in an error's traceback would be freed by the cycle
+        # collector, which may finalise its socket first (a ResourceWarning)
+        with openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-beta",
+                           max_retries=0) as good:
+            resp = good.chat.completions.create(model="phi3-tiny-random", max_tokens=2,
+                                                messages=FRANCE)  # type: ignore[arg-type]
         assert resp.usage is not None and resp.usage.completion_tokens == 2
-        bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-gamma", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
+        with openai.OpenAI(base_url=server.base_url + "/v1", api_key="sk-gamma",
+                           max_retries=0) as bad, pytest.raises(openai.AuthenticationError):
             bad.models.list()
         assert "sk-alpha" not in (tmp_path / "server.log").read_text()
     finally:
