@@ -27,6 +27,9 @@ class ChatLimits:
     max_tokens_limit: int = 4096
     kv_budget_bytes: int = 2 * 1024**3  # the KV pool, per chat model
     prefill_chunk: int = 64  # prompt tokens per prefill run: running streams wait one chunk
+    # ... and per prefill run while no stream decodes (nobody waits on it): fewer, larger
+    # runs read a 1,500-token prompt 1.11x faster (docs/decisions/0006-prefill.md)
+    prefill_chunk_idle: int = 512
     prompt_cache: bool = True  # keep prompt prefixes in the pool for the next turn
     # What kept prefixes may hold of the KV budget (the attack run saw 14 entries hold
     # 603 MiB, and rising): about 5,700 tokens of SmolLM2-135M's fp32 KV
