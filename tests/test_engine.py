@@ -428,6 +428,37 @@ async def test_prefill_chunks_share_a_slice_between_decode_steps(phi3: ChatModel
     assert longest >= 3, after  # several chunks in a row, no decode step between them
 
 
+@pytest.mark.parametrize("model_name", ["smollm2", "phi3"])
+async def test_prefill_reads_larger_chunks_while_nothing_decodes(
+        model_name: str, request: pytest.FixtureRequest) -> None:
+    # Alone, a long prompt is read `prefill_chunk_idle` tokens per run; while a stream
+    # decodes, `prefill_chunk` tokens per run (the running stream waits one chunk at a time).
+    # The default int8 build's numbers do not depend on the chunks (decision 6).
+    model: ChatModel = request.getfixturevalue(model_name)
+    runs: list[tuple[str, int]] = []
+    engine = chat_engine(model, max_running=4, prefill_chunk=64, prefill_chunk_idle=256,
+                         prompt_cache=False)  # the second read is a whole prefill too
+    engine.on_run = lambda kind, rows, tokens, seconds: runs.append((kind, tokens))
+    long = [{"role": "user", "content": "word " * 1000}]
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+        alone = await _collect(engine, long, SamplingParams(temperature=0, max_tokens=8))
+        idle = [n for kind, n in runs if kind == "prefill"]
+        runs.clear()
+        async with await engine.start(STORY, SamplingParams(temperature=0,
+                                                            max_tokens=2000)) as running:
+            for _ in range(3):
+                await running.receive()
+            before = len(runs)
+            beside = await _collect(engine, long, SamplingParams(temperature=0, max_tokens=8))
+        tg.cancel_scope.cancel()
+    busy = [n for kind, n in runs[before:] if kind == "prefill"]
+    assert max(idle) == 256 and len(idle) == -(-alone[-1].prompt_tokens // 256)
+    assert max(busy) == 64 and len(busy) >= alone[-1].prompt_tokens // 64
+    # the chunks differ, the answer does not
+    assert "".join(d.text for d in beside) == "".join(d.text for d in alone)
+
+
 # --- grammar work: bounded, once per request, refused cheaply, and freed by a leaving client
 
 # OpenAI's largest strict schema, 5,000 required properties: within budget, about 0.3 s to
