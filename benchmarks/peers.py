@@ -8,7 +8,7 @@ servers alternating, `--repeats` times:
   streams     1, 4, 8 and 16 concurrent streams of 128 tokens (a different story prompt each):
               aggregate and per-stream tok/s, TTFT and inter-token gap p50/p95
   turns       a 12-turn scripted conversation (the assistant's answers are scripted, so every
-              server reads the same prompts, about 300 to 2,100 tokens): TTFT of every turn
+              server reads the same prompts, 172 to about 2,000 tokens): TTFT of every turn
   long        a prompt of about 4,000 tokens: its TTFT (a new prompt in each repeat)
 Targets (issue 26), as ratios to the best peer in the same repeat: aggregate tok/s >= 1.0x at
 every level, ITL p95 at 16 streams <= 1.0x, turn-12 TTFT <= 1.0x, long-prompt TTFT <= 1.0x.
