@@ -39,7 +39,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.served import free_port, gaps, percentile, served, stream_chat  # noqa: E402
+from benchmarks.served import gaps, launched, percentile, served, stream_chat  # noqa: E402
 from inference.prepare import default_models_dir  # noqa: E402
 
 LEVELS = (1, 4, 8, 16)
@@ -96,49 +96,19 @@ def long_prompt(seed: int, lines: int = 170) -> list[dict[str, str]]:
 
 @contextmanager
 def llama_server(binary: str, gguf: str) -> Iterator[str]:
-    port = free_port()
     # 16 slots of 8,192 tokens: room for the long prompt in any slot
-    proc = subprocess.Popen([binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
-                             "-t", "2", "-tb", "2", "-np", "16", "-c", "131072"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield _ready(f"http://127.0.0.1:{port}", proc)
-    finally:
-        _stop(proc)
+    with launched(lambda port: [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+                                "-t", "2", "-tb", "2", "-np", "16", "-c", "131072"],
+                  ready_s=180, quiet=True) as (base, _):
+        yield base
 
 
 @contextmanager
 def openvino_server(python: str, gguf: str) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([python, str(REPO / "benchmarks/peers_openvino.py"), "--gguf", gguf,
-                             "--port", str(port)], stdout=subprocess.DEVNULL)
-    try:
-        yield _ready(f"http://127.0.0.1:{port}", proc)
-    finally:
-        _stop(proc)
-
-
-def _ready(base: str, proc: subprocess.Popen[bytes], ready_s: float = 180) -> str:
-    deadline = time.monotonic() + ready_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError("the server did not become ready")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with launched(lambda port: [python, str(REPO / "benchmarks/peers_openvino.py"),
+                                "--gguf", gguf, "--port", str(port)],
+                  ready_s=180, quiet=True) as (base, _):
+        yield base
 
 
 # ---- the client --------------------------------------------------------------------------

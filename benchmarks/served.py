@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,28 +38,44 @@ def served(*args: str, ready_s: float = 120, tree: Path = REPO) -> Iterator[str]
 def served_process(*args: str, ready_s: float = 120, tree: Path = REPO
                    ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`served`, yielding the server's process too (to read its memory)."""
+    with launched(lambda port: [sys.executable, "-m", "server", "--port", str(port),
+                                "--log-level", "warning", *args],
+                  ready_s=ready_s, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}
+                  ) as started:
+        yield started
+
+
+@contextmanager
+def launched(argv: Callable[[int], list[str]], *, ready_s: float = 120, cwd: Path | None = None,
+             env: dict[str, str] | None = None, quiet: bool = False
+             ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Any HTTP server on a free loopback port (`argv(port)` starts it): yield its base URL and
+    process once `GET /health` answers 200, and stop it on exit (killed if it lingers)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port),
-                             "--log-level", "warning", *args], cwd=tree,
-                            env={**os.environ, "PYTHONPATH": str(tree)})
+    out = subprocess.DEVNULL if quiet else None
+    proc = subprocess.Popen(argv(port), cwd=cwd, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"npugate serve exited with {proc.returncode}")
+                raise RuntimeError(f"{argv(port)[0]} exited with {proc.returncode}")
             try:
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("npugate serve did not become ready")
+                raise RuntimeError(f"{argv(port)[0]} did not become ready")
             time.sleep(0.2)
         yield base, proc
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def stream_chat(url: str, model: str, messages: list[dict[str, str]], max_tokens: int,

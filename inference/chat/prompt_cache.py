@@ -5,9 +5,10 @@ KV of its prompt stays in a pool row above the running ones as an entry; a later
 starts with the same tokens copies that prefix into its own row and prefills only the rest.
 
 - Only whole prefill chunks are kept: an entry covers the prompt up to a multiple of the chunk
-  size, and a hit reuses a multiple of it. The rest is prefilled in the same chunks at the same
-  positions as without the cache, and the kept positions came from those same chunks, so the
-  KV is identical bit for bit and so is the answer. The tokens a sequence generated are not
+  size, and a hit reuses a multiple of it. Prefill's numbers do not depend on where chunks
+  begin and end (measured bitwise on the default build: docs/decisions/0006-prefill.md), so
+  the KV of a hit's prefix plus the rest prefilled is identical bit for bit to prefilling the
+  whole prompt, and so is the answer. The tokens a sequence generated are not
   kept: one-token decode runs round differently from chunked prefill (int8 kernels), and the
   next turn, whose prompt holds that answer, must not depend on how it was computed.
 - Matching is on token ids, never text: where a template renders earlier turns differently,
